@@ -1,0 +1,62 @@
+"""Building blocks shared by the UNet and the VAE.
+
+Module and parameter names follow the original CompVis checkpoints, so a single-file checkpoint
+loads by stripping a prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def group_norm(channels: int, groups: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=eps)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [cos | sin] halves as in CompVis.
+
+    Vaswani et al. 2017, "Attention is all you need", section 3.5; the frequency ladder of
+    DDPM (Ho et al. 2020). t: (B,) -> (B, dim), float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False) -> torch.Tensor:
+    """Multi-head attention over (B, T, C) tensors through `F.scaled_dot_product_attention`."""
+    b, tq, c = q.shape
+    q, k, v = (x.reshape(b, x.shape[1], heads, c // heads).transpose(1, 2) for x in (q, k, v))  # (B, heads, T, d)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, tq, c)  # (B, T, C)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (UNet input blocks); the parameter is named `op` as in CompVis."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 convolution (UNet output blocks and VAE decoder)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,126 @@
+"""Tell the architecture of an original (CompVis-layout) single-file checkpoint from its tensors.
+
+As ComfyUI's model detection does: which names exist and their shapes give every
+hyper-parameter but two that shapes cannot show (attention head count and GroupNorm groups);
+those come from the checkpoint's `sdtorch.config` metadata when sdtorch wrote it, else from the
+SD 1.x convention.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from sdtorch.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from sdtorch.errors import CheckpointError
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+TEXT = "cond_stage_model.transformer.text_model."
+CONFIG_METADATA_KEY = "sdtorch.config"
+
+# Families we recognise but do not run, by a tensor name only they have.
+UNSUPPORTED = [
+    ("conditioner.embedders.", "SDXL"),
+    ("cond_stage_model.model.", "Stable Diffusion 2.x (OpenCLIP text encoder)"),
+    ("model.diffusion_model.label_emb.", "a class-conditioned UNet (SDXL or unCLIP)"),
+    ("control_model.", "a ControlNet"),
+    ("down_blocks.0.resnets.0.conv1.weight", "a diffusers-format UNet file (point at the whole diffusers folder)"),
+    ("lora_unet_", "a LoRA (not a full model)"),
+]
+
+
+def normalise_names(names: list[str]) -> dict[str, str]:
+    """Map each stored name to the name our modules use, for the spellings real files vary in."""
+    out = {}
+    for name in names:
+        new = name
+        # Files written by older transformers lack the `text_model.` level.
+        if new.startswith("cond_stage_model.transformer.") and not new.startswith(TEXT):
+            new = TEXT + new[len("cond_stage_model.transformer.") :]
+        out[name] = new
+    return out
+
+
+def detect_config(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> ModelConfig:
+    """ModelConfig of an SD 1.x-family checkpoint, or a CheckpointError naming what it is instead."""
+    if CONFIG_METADATA_KEY in metadata:
+        try:
+            return ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is unreadable: {e}") from None
+    for marker, family in UNSUPPORTED:
+        if any(name.startswith(marker) for name in shapes):
+            raise CheckpointError(f"{path}: this is {family}, which sdtorch does not load; it runs SD 1.x models")
+    if UNET + "input_blocks.0.0.weight" not in shapes:
+        sample = ", ".join(sorted(shapes)[:3]) or "none"
+        raise CheckpointError(
+            f"{path}: not a Stable Diffusion checkpoint: no '{UNET}*' tensors (first names: {sample})"
+        )
+    try:
+        return ModelConfig(text=_text_config(shapes), unet=_unet_config(shapes), vae=_vae_config(shapes))
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete checkpoint: missing tensor {e}") from None
+
+
+def _indices(shapes, pattern: str) -> list[int]:
+    regex = re.compile(pattern)
+    return sorted({int(m.group(1)) for name in shapes if (m := regex.match(name))})
+
+
+def _unet_config(shapes) -> UNetConfig:
+    ch, in_ch = shapes[UNET + "input_blocks.0.0.weight"][:2]
+    levels: list[list[int]] = [[]]  # output channels of each res-block, grouped by level
+    attention_levels = set()
+    depth = 1
+    for i in _indices(shapes, re.escape(UNET) + r"input_blocks\.(\d+)\.")[1:]:
+        block = f"{UNET}input_blocks.{i}."
+        if block + "0.op.weight" in shapes:
+            levels.append([])
+            continue
+        levels[-1].append(shapes[block + "0.in_layers.2.weight"][0])
+        if block + "1.proj_in.weight" in shapes:
+            attention_levels.add(len(levels) - 1)
+            depth = len(_indices(shapes, re.escape(block) + r"1\.transformer_blocks\.(\d+)\."))
+    first_attn = next(n for n in shapes if n.startswith(UNET) and n.endswith("attn2.to_k.weight"))
+    proj_in = shapes[UNET + "middle_block.1.proj_in.weight"]
+    context_dim = shapes[first_attn][1]
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=shapes[UNET + "out.2.weight"][0],
+        model_channels=ch,
+        channel_mult=tuple(level[0] // ch for level in levels),
+        num_res_blocks=len(levels[0]),
+        attention_levels=tuple(sorted(attention_levels)),
+        # SD 1.x fixes 8 heads; SD 2.x's 64-wide heads would need context 1024, refused above.
+        num_heads=8,
+        transformer_depth=depth,
+        context_dim=context_dim,
+        use_linear_proj=len(proj_in) == 2,
+    )
+
+
+def _vae_config(shapes) -> VAEConfig:
+    base, in_ch = shapes[VAE + "encoder.conv_in.weight"][:2]
+    levels = _indices(shapes, re.escape(VAE) + r"encoder\.down\.(\d+)\.")
+    return VAEConfig(
+        in_channels=in_ch,
+        out_channels=shapes[VAE + "decoder.conv_out.weight"][0],
+        base_channels=base,
+        channel_mult=tuple(shapes[f"{VAE}encoder.down.{i}.block.0.conv1.weight"][0] // base for i in levels),
+        num_res_blocks=len(_indices(shapes, re.escape(VAE) + r"encoder\.down\.0\.block\.(\d+)\.")),
+        latent_channels=shapes[VAE + "post_quant_conv.weight"][0],
+    )
+
+
+def _text_config(shapes) -> CLIPTextConfig:
+    vocab, width = shapes[TEXT + "embeddings.token_embedding.weight"]
+    return CLIPTextConfig(
+        vocab_size=vocab,
+        max_positions=shapes[TEXT + "embeddings.position_embedding.weight"][0],
+        width=width,
+        layers=len(_indices(shapes, re.escape(TEXT) + r"encoder\.layers\.(\d+)\.")),
+        heads=width // 64,  # CLIP's text towers use 64-wide heads
+        mlp_width=shapes[TEXT + "encoder.layers.0.mlp.fc1.weight"][0],
+    )

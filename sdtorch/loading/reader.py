@@ -1,0 +1,146 @@
+"""Read tensors from checkpoint files without holding two copies of the weights.
+
+Each file becomes a table of `TensorEntry` (shape, dtype and a `read()` that loads that one
+tensor), so the caller can check every name and shape before reading a byte of weights and then
+read one tensor at a time straight into the model.
+
+- `.safetensors`: the header is parsed here and each tensor is read with `readinto` into its
+  final buffer. (safetensors' `safe_open` memory-maps the whole file, and every page it touches
+  stays in our resident set until it closes: loading would then peak at two copies.)
+- `.ckpt` / `.pt` / `.bin`: torch's weights-only unpickler, never plain pickle, so a hostile
+  file cannot run code. Its tensors are in memory already; `read()` hands them over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdtorch.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+
+@dataclass
+class TensorFile:
+    path: Path
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def open_tensors(path: str | os.PathLike) -> TensorFile:
+    """List the tensors of a `.safetensors` or pickle checkpoint file; read none yet
+    (pickles excepted: their unpickler cannot be lazy)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return _open_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _open_pickle(path)
+    raise CheckpointError(f"{path}: unknown checkpoint type; accepted: .safetensors, {', '.join(PICKLE_SUFFIXES)}")
+
+
+def _open_safetensors(path: Path) -> TensorFile:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (header length {header_len})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(n) for n in info["shape"])
+            begin, end = (int(n) for n in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has an unreadable or unsupported header entry") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if end - begin != nbytes or data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' lies beyond the end of the file or has the wrong byte size "
+                f"(file truncated or corrupt)"
+            )
+        tensors[name] = TensorEntry(shape, dtype, _safetensors_reader(path, data_start + begin, shape, dtype))
+    return TensorFile(path, tensors, dict(metadata))
+
+
+def _safetensors_reader(path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
+    def read() -> torch.Tensor:
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+        if buffer is not None:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(memoryview(buffer)) != buffer.nbytes:
+                    raise CheckpointError(f"{path}: file ended while reading a tensor (truncated)")
+        return tensor
+
+    return read
+
+
+def _open_pickle(path: Path) -> TensorFile:
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # The weights-only unpickler stops at the first global it does not allow, before calling it.
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        asked = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused: its pickle asks to run code{asked}; only tensors are loaded") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {first}") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]  # Lightning checkpoints nest the weights
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: it holds a {type(data).__name__}, not a dict of tensors")
+    tensors = {}
+    for name, value in data.items():
+        if isinstance(value, torch.Tensor):
+            tensors[name] = TensorEntry(tuple(value.shape), value.dtype, _pop_reader(data, name))
+    return TensorFile(path, tensors, {})
+
+
+def _pop_reader(data: dict, name: str):
+    # Handing the tensor over and forgetting it lets its memory go once the model holds a converted copy.
+    return lambda: data.pop(name)

@@ -1,0 +1,192 @@
+"""The latent-diffusion UNet of Stable Diffusion 1.x.
+
+Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models": the
+ADM UNet of Dhariwal & Nichol 2021 (res-blocks with a timestep embedding) with a spatial
+transformer (self-attention, cross-attention to the text context, GEGLU feed-forward) after
+each res-block of the attention levels. Module names are CompVis' `openaimodel.UNetModel`
+ones, so `model.diffusion_model.*` loads by stripping the prefix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdtorch.config import UNetConfig
+from sdtorch.layers import Downsample, Upsample, attention, group_norm, timestep_embedding
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, plus a skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.out_layers = nn.Sequential(
+            group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        )
+        self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over itself (context None) or over the text context."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    """Shazeer 2020, "GLU Variants Improve Transformer": x * GELU(gate) from one projection."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Flattens a feature map to tokens, runs transformer blocks on them, adds the result back."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = group_norm(channels, cfg.norm_groups, eps=1e-6)
+        if cfg.use_linear_proj:
+            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        self.linear = cfg.use_linear_proj
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, cfg.context_dim, cfg.num_heads) for _ in range(cfg.transformer_depth)
+        )
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C)
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + residual
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: res-blocks the timestep embedding,
+    transformers the text context."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """(latents (B,C,H,W), timesteps (B,) or scalar, context (B,T,D)) -> predicted noise (B,C,H,W)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch, emb_dim, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        levels = len(cfg.channel_mult)
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, mult * cfg.model_channels, emb_dim, groups)]
+                ch = mult * cfg.model_channels
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, ch, emb_dim, groups), SpatialTransformer(ch, cfg), ResBlock(ch, ch, emb_dim, groups)
+        )
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), mult * cfg.model_channels, emb_dim, groups)]
+                ch = mult * cfg.model_channels
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4*ch)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

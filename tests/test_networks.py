@@ -1,0 +1,107 @@
+"""Our CLIP text encoder, UNet and VAE against transformers/diffusers with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    diffusers_unet_kwargs,
+    diffusers_vae_kwargs,
+    max_rel_error,
+    randomise_,
+    transformers_clip_config,
+)
+
+from sdtorch.clip import CLIPTextModel
+from sdtorch.config import SD15, TINY
+from sdtorch.loading.diffusers_format import to_diffusers_name, unet_module_names, vae_module_names
+from sdtorch.unet import UNet
+from sdtorch.vae import AutoencoderKL
+
+CONFIGS = {"tiny": TINY, "sd15": SD15}
+
+
+def load_from_reference(ours: torch.nn.Module, ref_state: dict, table=None) -> torch.nn.Module:
+    state = {}
+    for name, param in ours.state_dict().items():
+        theirs = to_diffusers_name(name, table) if table else name
+        state[name] = ref_state.pop(theirs).reshape(param.shape)
+    assert not ref_state, f"reference tensors left unmapped: {sorted(ref_state)[:5]}"
+    ours.load_state_dict(state, strict=True)
+    return ours.eval()
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_clip_text_encoder_matches_transformers(size):
+    from transformers import CLIPTextModel as RefCLIP
+
+    cfg = CONFIGS[size].text
+    ref = randomise_(RefCLIP(transformers_clip_config(cfg)), seed=1)
+    ref_state = {k.removeprefix("text_model."): v.clone() for k, v in ref.state_dict().items()}
+    ref_state = {k: v for k, v in ref_state.items() if not k.endswith("position_ids")}
+    ours = load_from_reference(CLIPTextModel(cfg), ref_state)
+
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_positions), generator=torch.Generator().manual_seed(0))
+    ids[:, 0], ids[:, 20:] = 49406, 49407  # BOS, then EOS padding as SD 1.x tokenizes
+    with torch.no_grad():
+        out = ref(input_ids=ids, output_hidden_states=True)
+        context = ours(ids)
+        states = ours.hidden_states(ids)
+        skip2 = ours(ids, clip_skip=2)
+    assert context.shape == (2, 77, cfg.width)
+    assert (context - out.last_hidden_state).abs().max().item() <= 1e-4
+    assert len(states) == len(out.hidden_states)
+    for mine, theirs in zip(states, out.hidden_states):
+        assert (mine - theirs).abs().max().item() <= 1e-4
+    # A1111's "Clip skip 2": the penultimate layer through the final norm.
+    final_norm = getattr(ref, "text_model", ref).final_layer_norm  # transformers 5 drops `text_model`
+    expected_skip2 = final_norm(out.hidden_states[-2])
+    assert (skip2 - expected_skip2).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_unet_matches_diffusers(size):
+    from diffusers import UNet2DConditionModel
+
+    cfg = CONFIGS[size].unet
+    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=2)
+    ours = load_from_reference(UNet(cfg), dict(ref.state_dict()), unet_module_names(cfg))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, 16, 16, generator=g)
+    context = torch.randn(2, 77, cfg.context_dim, generator=g)
+    t = torch.tensor([999.0, 1.0])
+    with torch.no_grad():
+        expected = ref(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, context)
+        # A fractional scalar timestep, as Karras schedules give.
+        expected_frac = ref(x, torch.tensor(421.37), encoder_hidden_states=context).sample
+        got_frac = ours(x, torch.tensor(421.37), context)
+    assert got.shape == expected.shape
+    assert max_rel_error(got, expected) <= 1e-4
+    assert max_rel_error(got_frac, expected_frac) <= 1e-4
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_vae_matches_diffusers(size):
+    from diffusers import AutoencoderKL as RefVAE
+
+    cfg = CONFIGS[size].vae
+    ref = randomise_(RefVAE(**diffusers_vae_kwargs(cfg)), seed=3)
+    ours = load_from_reference(AutoencoderKL(cfg), dict(ref.state_dict()), vae_module_names(cfg))
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    latents = torch.randn(1, cfg.latent_channels, 64 // cfg.downscale, 64 // cfg.downscale, generator=g)
+    with torch.no_grad():
+        ref_post = ref.encode(images).latent_dist
+        our_post = ours.encode(images)
+        ref_sample = ref_post.sample(generator=torch.Generator().manual_seed(7))
+        our_sample = our_post.sample(generator=torch.Generator().manual_seed(7))
+        ref_decoded = ref.decode(latents).sample
+        our_decoded = ours.decode(latents)
+    assert max_rel_error(our_post.mean, ref_post.mean) <= 1e-4
+    assert max_rel_error(our_post.std, ref_post.std) <= 1e-4
+    assert max_rel_error(our_sample, ref_sample) <= 1e-4
+    assert our_decoded.shape == (1, 3, 64, 64)
+    assert max_rel_error(our_decoded, ref_decoded) <= 1e-4
