@@ -73,6 +73,7 @@ class ModelConfig:
     unet: UNetConfig = UNetConfig()
     vae: VAEConfig = VAEConfig()
     prediction_type: str = "epsilon"
+    image_size: int = 512  # the side the model was trained at: the default width and height
     beta_start: float = 0.00085  # v1-inference.yaml linear_start
     beta_end: float = 0.012  # v1-inference.yaml linear_end
     num_train_timesteps: int = 1000
@@ -114,4 +115,5 @@ TINY = ModelConfig(
         norm_groups=8,
     ),
     vae=VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8),
+    image_size=32,
 )

@@ -126,12 +126,14 @@ class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: res-blocks the timestep embedding,
     transformers the text context."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, upsample_size=None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -188,5 +190,7 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # Upsample to the next skip's size, which is not 2x when a level had an odd size.
+            h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)
         return self.out(h)

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+import sdtorch
+from sdtorch.config import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the oracles must never reach for a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SD15_KEYS = SHARED / "data" / "sd15" / "sd15_keys.json"
-SD15_YAML = SHARED / "data" / "sd15" / "v1-inference.yaml"
-SCHEDULER_CONFIG = SHARED / "data" / "sd15" / "scheduler_config.json"
+# The exact tensor layout of a real SD 1.5 file, its original config and its diffusers scheduler
+# config, kept with the tests so that a fresh clone runs them.
+SD15_DATA = Path(__file__).resolve().parent / "data" / "sd15"
+SD15_KEYS = SD15_DATA / "sd15_keys.json"
+SD15_YAML = SD15_DATA / "v1-inference.yaml"
+SCHEDULER_CONFIG = SD15_DATA / "scheduler_config.json"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -98,6 +105,32 @@ def randomise_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI CLIP's byte table, restated so that the oracle's vocabulary is not built by our code."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_vocab(folder: Path) -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, derived from the shipped merges
+    file as OpenAI CLIP derives its vocabulary."""
+    gz = Path(sdtorch.__file__).parent / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sd15_manifest() -> dict:
     return json.loads(SD15_KEYS.read_text())
@@ -131,3 +164,32 @@ def random_sd15_state(manifest: dict, dtype=torch.float16, seed: int = 0) -> dic
             value = torch.randn(shape, generator=g) / (torch.Size(shape[1:]).numel() ** 0.5)
         state[name] = value.to(dtype if len(shape) > 1 or name not in buffers else torch.float32)
     return state
+
+
+@pytest.fixture(scope="session")
+def sd15_file(tmp_path_factory, sd15_manifest) -> Path:
+    """A random fp16 checkpoint with every name, shape and buffer of the real SD 1.5 file (~2 GB)."""
+    path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
+    save_file(random_sd15_state(sd15_manifest, torch.float16), str(path))
+    return path
+
+
+def make_diffusers_folder(root: Path, *, safetensors: bool = True, legacy_text_names: bool = False):
+    """A tiny SD pipeline folder written by diffusers'/transformers' own save_pretrained."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(TINY.unet)), seed=10)
+    vae = randomise_(AutoencoderKL(**diffusers_vae_kwargs(TINY.vae)), seed=11)
+    text = randomise_(CLIPTextModel(transformers_clip_config(TINY.text)), seed=12)
+    unet.save_pretrained(root / "unet", safe_serialization=safetensors)
+    vae.save_pretrained(root / "vae", safe_serialization=safetensors)
+    text.save_pretrained(root / "text_encoder", safe_serialization=safetensors)
+    if legacy_text_names:  # as transformers 4 wrote it, under `text_model.`
+        file = root / "text_encoder" / "model.safetensors"
+        save_file({"text_model." + k: v for k, v in load_file(str(file)).items()}, str(file))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (root / "scheduler").mkdir(exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(SCHEDULER_CONFIG.read_text())
+    write_clip_vocab(root / "tokenizer")
+    return unet, vae, text

@@ -8,14 +8,12 @@ import os
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import (
     SD15_YAML,
-    diffusers_unet_kwargs,
-    diffusers_vae_kwargs,
+    make_diffusers_folder,
     max_rel_error,
     random_sd15_state,
     randomise_,
@@ -28,16 +26,7 @@ from sdtorch.errors import CheckpointError
 from sdtorch.loading import load_model, save_checkpoint
 from sdtorch.model import StableDiffusion
 
-
 # ---------------------------------------------------------------- the full SD 1.5 layout
-
-
-@pytest.fixture(scope="module")
-def sd15_file(tmp_path_factory, sd15_manifest) -> Path:
-    """A random fp16 checkpoint with every name, shape and buffer of the real SD 1.5 file (~2 GB)."""
-    path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
-    save_file(random_sd15_state(sd15_manifest, torch.float16), str(path))
-    return path
 
 
 def test_sd15_single_file_matches_diffusers_single_file_loader(sd15_file, tmp_path):
@@ -114,24 +103,6 @@ def test_importing_sdtorch_does_not_import_the_oracles():
 
 
 # ---------------------------------------------------------------- tiny diffusers folders
-
-
-def make_diffusers_folder(root: Path, *, safetensors: bool = True, legacy_text_names: bool = False):
-    """A tiny SD pipeline folder written by diffusers'/transformers' own save_pretrained."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    unet = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(TINY.unet)), seed=10)
-    vae = randomise_(AutoencoderKL(**diffusers_vae_kwargs(TINY.vae)), seed=11)
-    text = randomise_(CLIPTextModel(transformers_clip_config(TINY.text)), seed=12)
-    unet.save_pretrained(root / "unet", safe_serialization=safetensors)
-    vae.save_pretrained(root / "vae", safe_serialization=safetensors)
-    text.save_pretrained(root / "text_encoder", safe_serialization=safetensors)
-    if legacy_text_names:  # as transformers 4 wrote it, under `text_model.`
-        file = root / "text_encoder" / "model.safetensors"
-        save_file({"text_model." + k: v for k, v in load_file(str(file)).items()}, str(file))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return unet, vae, text
 
 
 def assert_same_outputs(model: StableDiffusion, unet, vae, text):
@@ -292,7 +263,7 @@ def test_unsupported_architectures_are_named(tmp_path, names, family):
 
 def test_bad_file_fails_before_reading_any_weight(tmp_path, tiny_model, monkeypatch):
     """Every name and shape is checked first: a misfit fails fast and leaves no half-loaded model."""
-    import sdtorch.loading as loading
+    from sdtorch import loading
 
     state = tiny_model.state_dict()
     state["model.diffusion_model.out.2.weight"] = torch.zeros(3, 32, 3, 3)

@@ -105,3 +105,21 @@ def test_vae_matches_diffusers(size):
     assert max_rel_error(our_sample, ref_sample) <= 1e-4
     assert our_decoded.shape == (1, 3, 64, 64)
     assert max_rel_error(our_decoded, ref_decoded) <= 1e-4
+
+
+def test_unet_odd_latent_size_matches_diffusers():
+    """Latents whose sides are not a multiple of 2**levels (e.g. a 520-pixel side) upsample to
+    the skip's size, as diffusers does, instead of failing."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = TINY.unet
+    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=5)
+    ours = load_from_reference(UNet(cfg), dict(ref.state_dict()), unet_module_names(cfg))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 9, 7, generator=g)
+    context = torch.randn(1, 77, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        expected = ref(x, 300, encoder_hidden_states=context).sample
+        got = ours(x, 300, context)
+    assert got.shape == (1, 4, 9, 7)
+    assert max_rel_error(got, expected) <= 1e-4

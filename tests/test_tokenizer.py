@@ -7,19 +7,16 @@ against transformers 5 fed the text transformers 4 would have cleaned, and `fix_
 against transformers 5 on the raw text.
 """
 
-import gzip
-import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import ftfy
 import pytest
 import regex
 import torch
+from conftest import write_clip_vocab
 
-import sdtorch.tokenizer as sdtok
 from sdtorch.errors import SdtorchError
 from sdtorch.tokenizer import CLIPTokenizer, get_tokenizer
 
@@ -86,30 +83,12 @@ def transformers4_clean(text: str) -> str:
     return regex.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """OpenAI CLIP's byte table, restated so that the oracle's vocabulary is not built by our code."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """transformers' CLIPTokenizer from vocab.json + merges.txt, derived as OpenAI CLIP does."""
-    transformers = pytest.importorskip("transformers")
-    gz = Path(sdtok.__file__).parent / sdtok.VOCAB_RESOURCE
-    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = tmp_path_factory.mktemp("clip_vocab")
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    import transformers
+
+    folder = write_clip_vocab(tmp_path_factory.mktemp("clip_vocab"))
     tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     # SD 1.x's tokenizer (openai/clip-vit-large-patch14): pads with EOS.
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)

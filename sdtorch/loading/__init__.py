@@ -91,12 +91,14 @@ def _plan_single_file(path: Path) -> tuple[ModelConfig, dict[str, NetworkSource]
 def _plan_diffusers_folder(path: Path) -> tuple[ModelConfig, dict[str, NetworkSource]]:
     if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
         raise CheckpointError(f"{path}: a folder, but not a diffusers model (no model_index.json or unet/config.json)")
-    unet_cfg = dfmt.unet_config(dfmt.read_json(path / "unet" / "config.json"), path / "unet")
+    unet_json = dfmt.read_json(path / "unet" / "config.json")
+    unet_cfg = dfmt.unet_config(unet_json, path / "unet")
     vae_cfg = dfmt.vae_config(dfmt.read_json(path / "vae" / "config.json"))
     text_cfg = dfmt.text_config(dfmt.read_json(path / "text_encoder" / "config.json"))
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     schedule = dfmt.read_json(scheduler_file) if scheduler_file.is_file() else {}
     config = ModelConfig(
+        image_size=unet_json.get("sample_size", 64) * vae_cfg.downscale,
         text=text_cfg,
         unet=unet_cfg,
         vae=vae_cfg,
@@ -105,11 +107,8 @@ def _plan_diffusers_folder(path: Path) -> tuple[ModelConfig, dict[str, NetworkSo
         beta_end=schedule.get("beta_end", 0.012),
         num_train_timesteps=schedule.get("num_train_timesteps", 1000),
     )
-    to_theirs = {
-        "unet": lambda name, t=dfmt.unet_module_names(unet_cfg): dfmt.to_diffusers_name(name, t),
-        "vae": lambda name, t=dfmt.vae_module_names(vae_cfg): dfmt.to_diffusers_name(name, t),
-        "text_encoder": lambda name: name,
-    }
+    # The text encoder keeps transformers' names, ours too: an empty table.
+    name_tables = {"unet": dfmt.unet_module_names(unet_cfg), "vae": dfmt.vae_module_names(vae_cfg), "text_encoder": {}}
     sources = {}
     for net_name, (kind, part, _) in NETWORKS.items():
         folder = path / net_name
@@ -124,7 +123,7 @@ def _plan_diffusers_folder(path: Path) -> tuple[ModelConfig, dict[str, NetworkSo
             ours = kind(getattr(config, part)).state_dict()
         source = NetworkSource()
         for name in ours:
-            theirs = to_theirs[net_name](name)
+            theirs = dfmt.to_diffusers_name(name, name_tables[net_name])
             if theirs in tensors:
                 stored, entry = tensors.pop(theirs)
                 source.entries[name] = entry
