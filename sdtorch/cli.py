@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", help=f"sampler name (default {DEFAULTS['sampler']}; see `sdtorch samplers`)")
     gen.add_argument("--karras", action="store_true", default=None, help="Karras et al. sigma spacing")
     gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
-    gen.add_argument("--width", type=int, help="multiple of 8 (default: the model's own size)")
-    gen.add_argument("--height", type=int, help="multiple of 8 (default: the model's own size)")
+    gen.add_argument("--width", type=int, help="multiple of 8 (default: the model's own size, or the init image's)")
+    gen.add_argument("--height", type=int, help="multiple of 8 (default: the model's own size, or the init image's)")
     gen.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
     gen.add_argument("--init-image", help="start from this image (image-to-image)")
     gen.add_argument("--strength", type=float, help=f"how much of the init image to redo, in (0, 1] "
@@ -139,7 +139,6 @@ def generate(args: argparse.Namespace) -> int:
     init_image = load_image(args.init_image) if args.init_image else None
     model_path = args.model or default_model_path()
     pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
-    size = pipe.model.config.image_size
     recorder = StepRecorder() if args.save_steps else None
     result = pipe.generate(
         args.prompt,
@@ -149,8 +148,8 @@ def generate(args: argparse.Namespace) -> int:
         sampler=args.sampler,
         karras=bool(args.karras),
         seed=seed,
-        width=args.width or size,
-        height=args.height or size,
+        width=args.width,
+        height=args.height,
         batch=args.batch,
         init_image=init_image,
         strength=args.strength,

@@ -29,25 +29,10 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .errors import SdtorchError
+from .samplers import SAMPLERS
 
 # ---------------------------------------------------------------------------------------------
-# Sampler names. This is the one table that relates our sampler names to A1111's display names;
-# the samplers package may import it rather than keep its own copy.
-
-A1111_SAMPLER_NAMES: dict[str, str] = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "unipc": "UniPC",
-    "ddpm": "DDPM",
-}
-"""Our sampler name -> A1111's display name (without the " Karras" suffix)."""
+# Sampler names: A1111's display names are those of `sdtorch.samplers.SAMPLERS`.
 
 KARRAS_SUFFIX = " Karras"
 
@@ -65,7 +50,7 @@ A1111_AUTOMATIC_SCHEDULE = {
     "DPM++ 2M SDE Heun": "Exponential", "DPM++ 3M SDE": "Exponential",
 }
 
-_FROM_A1111 = {display.lower(): ours for ours, display in A1111_SAMPLER_NAMES.items()}
+_FROM_A1111 = {info.display_name.lower(): ours for ours, info in SAMPLERS.items()}
 
 
 def sampler_from_a1111(display: str) -> tuple[str, bool]:
@@ -79,7 +64,7 @@ def sampler_from_a1111(display: str) -> tuple[str, bool]:
     ours = _FROM_A1111.get(base.lower())
     if ours is not None:
         return ours, karras
-    known = ", ".join(A1111_SAMPLER_NAMES.values())
+    known = ", ".join(info.display_name for info in SAMPLERS.values())
     for schedule in A1111_SCHEDULE_TYPES:
         head = base[: -len(schedule) - 1]
         if base.lower().endswith(" " + schedule.lower()) and head.lower() in _FROM_A1111:
@@ -88,13 +73,6 @@ def sampler_from_a1111(display: str) -> tuple[str, bool]:
                 f"schedules are supported (e.g. {head!r} or {head + KARRAS_SUFFIX!r})"
             )
     raise SdtorchError(f"unknown sampler {display!r}; known: {known} (each may end in 'Karras')")
-
-
-def sampler_to_a1111(name: str, karras: bool = False) -> str:
-    """Our sampler name (+ karras flag) -> A1111's display name: ("dpmpp_2m", True) -> "DPM++ 2M Karras"."""
-    if name not in A1111_SAMPLER_NAMES:
-        raise SdtorchError(f"unknown sampler {name!r}; known: {', '.join(A1111_SAMPLER_NAMES)}")
-    return A1111_SAMPLER_NAMES[name] + (KARRAS_SUFFIX if karras else "")
 
 
 # ---------------------------------------------------------------------------------------------

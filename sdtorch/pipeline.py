@@ -26,7 +26,7 @@ from sdtorch.images import prepare_init_image, to_pil
 from sdtorch.loading import load_model
 from sdtorch.metadata import GenerationParams, model_hash
 from sdtorch.model import StableDiffusion
-from sdtorch.samplers import SAMPLERS, a1111_name, sample
+from sdtorch.samplers import a1111_name, sample
 from sdtorch.tokenizer import get_tokenizer
 
 DEFAULT_SAMPLER = "euler_a"
@@ -131,8 +131,8 @@ class Pipeline:
         sampler: str = DEFAULT_SAMPLER,
         karras: bool = False,
         seed: int | None = None,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         batch: int = 1,
         init_image: Image.Image | None = None,
         strength: float = 0.75,
@@ -143,7 +143,8 @@ class Pipeline:
     ) -> GenerationResult:
         """Generate `batch` images; image i uses seed + i. With `init_image`, image-to-image:
         the init image is resized to width x height, encoded, noised to `strength`, and only the
-        last round(steps * strength) steps run."""
+        last int(steps * strength) steps run. A size left None is the model's own (text-to-image)
+        or the init image's, rounded down to a multiple of 8 (image-to-image, as diffusers does)."""
         started = time.perf_counter()
         seed = random.randrange(2**32) if seed is None else seed
         check_settings(
@@ -151,6 +152,11 @@ class Pipeline:
             strength=strength, img2img=init_image is not None, width=width, height=height,
         )
         model, device = self.model, self.model.device
+        init_pixels = None
+        if init_image is not None:
+            init_pixels = prepare_init_image(init_image, width, height)  # (1, 3, H, W)
+            height, width = init_pixels.shape[-2:]
+        width, height = width or model.config.image_size, height or model.config.image_size
         f = model.config.vae.downscale
         shape = (1, model.config.unet.in_channels, height // f, width // f)
         seeds = [seed + i for i in range(batch)]
@@ -160,9 +166,8 @@ class Pipeline:
         uncond = self.encode_prompt([negative_prompt] * batch, clip_skip) if cfg_scale > 1 else None
 
         init_latents = None
-        if init_image is not None:
-            pixels = prepare_init_image(init_image, width, height).to(device, model.dtype)
-            posterior = model.vae.encode(pixels)
+        if init_pixels is not None:
+            posterior = model.vae.encode(init_pixels.to(device, model.dtype))
             # One VAE sample per image from its own generator, before its noise, as diffusers does.
             init_latents = torch.cat([posterior.sample(g).float().cpu() for g in generators])
             init_latents = (init_latents * model.config.vae.scaling_factor).to(device)
@@ -215,9 +220,7 @@ def check_settings(
         raise SdtorchError(f"steps must be a whole number of at least 1, got {steps}")
     if cfg_scale < 0:
         raise SdtorchError(f"CFG scale must be 0 or more, got {cfg_scale}")
-    if sampler not in SAMPLERS:
-        raise SdtorchError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-    a1111_name(sampler, karras)  # raises if the sampler takes no Karras sigmas
+    a1111_name(sampler, karras)  # raises for an unknown sampler, or Karras where it does not apply
     if not isinstance(batch, int) or batch < 1:
         raise SdtorchError(f"batch must be at least 1, got {batch}")
     if seed is not None and not 0 <= seed <= MAX_SEED - batch:

@@ -67,7 +67,9 @@ class StepRecorder:
         self.steps.append((step, sigma, x.detach().float().cpu(), denoised.detach().float().cpu()))
 
 
-def save_steps(directory: str | Path, recorder: StepRecorder, decode, preview: LatentPreview | None = None) -> list[Path]:
+def save_steps(
+    directory: str | Path, recorder: StepRecorder, decode, preview: LatentPreview | None = None
+) -> list[Path]:
     """Write, for every recorded step and every image of the batch, the decoded noisy latents
     (`NNN-latents.png`) and the decoded prediction of the final image (`NNN-predicted.png`),
     plus `strip.png` (one column per step: latents above, prediction below, fast preview under

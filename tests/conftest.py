@@ -121,7 +121,7 @@ def write_clip_vocab(folder: Path) -> Path:
     """vocab.json + merges.txt for transformers' CLIPTokenizer, derived from the shipped merges
     file as OpenAI CLIP derives its vocabulary."""
     gz = Path(sdtorch.__file__).parent / "data" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = gzip.decompress(gz.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
@@ -193,3 +193,29 @@ def make_diffusers_folder(root: Path, *, safetensors: bool = True, legacy_text_n
     (root / "scheduler" / "scheduler_config.json").write_text(SCHEDULER_CONFIG.read_text())
     write_clip_vocab(root / "tokenizer")
     return unet, vae, text
+
+
+def reference_tokenizer(folder: Path):
+    """transformers' CLIPTokenizer over a `write_clip_vocab` folder, with SD's 77-token length."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def sd15_reference_components(checkpoint: Path, workdir: Path, dtype=torch.float32) -> dict:
+    """diffusers' UNet, VAE and text encoder from an SD 1.5 single file through its own single-file
+    loader, offline (the CLIP config and tokenizer come from files written here, not a hub)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    from sdtorch.config import SD15
+
+    transformers_clip_config(SD15.text).save_pretrained(workdir / "clip")
+    unet = UNet2DConditionModel.from_single_file(str(checkpoint), original_config=str(SD15_YAML), torch_dtype=dtype)
+    vae = AutoencoderKL.from_single_file(str(checkpoint), original_config=str(SD15_YAML), torch_dtype=dtype)
+    text = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel, load_file(str(checkpoint)), config=str(workdir / "clip"), local_files_only=True
+    )
+    tokenizer = reference_tokenizer(write_clip_vocab(workdir / "tokenizer"))
+    return dict(unet=unet, vae=vae, text_encoder=text.to(dtype), tokenizer=tokenizer)

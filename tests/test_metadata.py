@@ -10,16 +10,15 @@ from PIL import Image, PngImagePlugin
 
 from sdtorch.errors import SdtorchError
 from sdtorch.metadata import (
-    A1111_SAMPLER_NAMES,
     GenerationParams,
     format_parameters,
     model_hash,
     parse_parameters,
     read_png_parameters,
     sampler_from_a1111,
-    sampler_to_a1111,
     write_png,
 )
+from sdtorch.samplers import SAMPLERS, a1111_name
 
 
 def params(**changes):
@@ -257,11 +256,10 @@ def test_parse_bad_numbers(line, message):
 # ---------------------------------------------------------------------------------- samplers
 
 def test_sampler_table_round_trips():
-    for ours, display in A1111_SAMPLER_NAMES.items():
-        assert sampler_from_a1111(display) == (ours, False)
-        assert sampler_from_a1111(display + " Karras") == (ours, True)
-        assert sampler_to_a1111(ours) == display
-        assert sampler_to_a1111(ours, karras=True) == display + " Karras"
+    for ours, info in SAMPLERS.items():
+        assert sampler_from_a1111(a1111_name(ours, karras=False)) == (ours, False)
+        if info.supports_karras:
+            assert sampler_from_a1111(a1111_name(ours, karras=True)) == (ours, True)
     assert sampler_from_a1111("  dpm++ 2m   karras ") == ("dpmpp_2m", True)
     assert sampler_from_a1111("PLMS") == ("pndm", False)
     assert sampler_from_a1111("Euler a") == ("euler_a", False)
@@ -273,7 +271,7 @@ def test_unknown_sampler_lists_known_ones():
     with pytest.raises(SdtorchError, match="'Exponential' noise schedule"):
         sampler_from_a1111("DPM++ 2M SDE Exponential")
     with pytest.raises(SdtorchError, match="unknown sampler 'nope'"):
-        sampler_to_a1111("nope")
+        a1111_name("nope", karras=False)
 
 
 # ------------------------------------------------------------------------------------- PNGs

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SCHEDULER_CONFIG, SD15_YAML, make_diffusers_folder, transformers_clip_config
+from conftest import SCHEDULER_CONFIG, make_diffusers_folder, reference_tokenizer, sd15_reference_components
 from PIL import Image
 
-from sdtorch.config import SD15
 from sdtorch.errors import SdtorchError
 from sdtorch.loading import load_model
 from sdtorch.pipeline import Pipeline
@@ -49,14 +48,9 @@ def init_picture(size: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Our pipeline and diffusers' components, from one tiny diffusers folder."""
-    from transformers import CLIPTokenizer
-
     folder = tmp_path_factory.mktemp("tiny-pipeline")
     unet, vae, text = make_diffusers_folder(folder)
-    tokenizer = CLIPTokenizer(
-        str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"), model_max_length=77
-    )
-    components = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer)
+    components = dict(unet=unet, vae=vae, text_encoder=text, tokenizer=reference_tokenizer(folder / "tokenizer"))
     return Pipeline(load_model(folder)), components
 
 
@@ -167,22 +161,7 @@ def test_bad_settings_are_one_line_errors(tiny, settings, message):
 
 def test_sd15_architecture_matches_diffusers_at_a_small_size(sd15_file, tmp_path):
     """The full SD 1.5 networks (random weights from the real layout), both pipelines, 64x64."""
-    from conftest import write_clip_vocab
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    transformers_clip_config(SD15.text).save_pretrained(tmp_path / "clip")
-    vocab = write_clip_vocab(tmp_path / "tokenizer")
-    components = dict(
-        unet=UNet2DConditionModel.from_single_file(str(sd15_file), original_config=str(SD15_YAML)),
-        vae=AutoencoderKL.from_single_file(str(sd15_file), original_config=str(SD15_YAML)),
-        text_encoder=create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, load_file(str(sd15_file)), config=str(tmp_path / "clip"), local_files_only=True
-        ),
-        tokenizer=CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"), model_max_length=77),
-    )
+    components = sd15_reference_components(sd15_file, tmp_path)
     ours = Pipeline(load_model(sd15_file))
     for sampler in ("ddim", "pndm", "euler", "dpmpp_2m"):
         result, expected = run_both(ours, components, sampler, size=64, seed=5, batch=1, steps=6, cfg_scale=7.5)
@@ -192,3 +171,12 @@ def test_sd15_architecture_matches_diffusers_at_a_small_size(sd15_file, tmp_path
         init_image=init_picture(64), strength=0.5,
     )
     assert max_level_difference(result.images, expected) <= 2
+
+
+def test_sizes_default_to_the_model_or_the_init_image(tiny):
+    ours, _ = tiny
+    txt2img = ours.generate(PROMPT, steps=2, seed=1, progress=False)
+    assert txt2img.images[0].size == (ours.model.config.image_size,) * 2
+    img2img = ours.generate(PROMPT, steps=2, seed=1, init_image=init_picture(44).crop((0, 0, 44, 37)), progress=False)
+    assert img2img.images[0].size == (40, 32)  # rounded down to multiples of 8, as diffusers does
+    assert (img2img.params[0].width, img2img.params[0].height) == (40, 32)

@@ -224,7 +224,7 @@ def test_callback_reports_vae_scale_latents(name):
     ours(name, noise, 8, callback=lambda *a: calls.append(a))
     want, sigmas = reference_trajectory(name, noise, 8)
     assert len(calls) == 8
-    for (step, total, sigma, x, denoised), x_ref, sigma_ref in zip(calls, want, sigmas):
+    for (_step, _total, sigma, x, _denoised), x_ref, sigma_ref in zip(calls, want, sigmas):
         assert (x - x_ref).abs().max().item() <= TOL
         assert sigma == pytest.approx(sigma_ref, rel=1e-5, abs=1e-7)
 

@@ -29,7 +29,9 @@ def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; a diffusers folder needs unet/, vae/ and text_encoder/ configs") from None
+        raise CheckpointError(
+            f"{path}: missing; a diffusers folder needs unet/, vae/ and text_encoder/ configs"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON: {e}") from None
 

@@ -79,7 +79,8 @@ def sigma_at(t: Tensor) -> Tensor:
 
 
 def sigma_to_t(sigma: Tensor) -> Tensor:
-    """The (fractional) timestep of a sigma, interpolating linearly in log-sigma (k-diffusion's DiscreteSchedule): fp64."""
+    """The (fractional) timestep of a sigma, interpolating linearly in log-sigma (k-diffusion's
+    DiscreteSchedule), in fp64."""
     log_sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-10).log()
     dists = log_sigma.reshape(-1, 1) - _LOG_SIGMAS  # (N, 1000)
     low = (dists >= 0).cumsum(dim=1).argmax(dim=1).clamp(max=NUM_TRAIN_TIMESTEPS - 2)

@@ -19,7 +19,8 @@ Generators = torch.Generator | list[torch.Generator] | None  # one for the batch
 
 
 class Denoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): an eps-prediction UNet as a VE denoiser (Karras et al. 2022, Table 1, VP column)."""
+    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): an eps-prediction UNet as a VE
+    denoiser (Karras et al. 2022, Table 1, VP column)."""
 
     def __init__(self, eps_model: Callable[[Tensor, Tensor], Tensor], schedule: SigmaSchedule):
         self.eps_model = eps_model
@@ -96,7 +97,8 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) 
 
 @torch.no_grad()
 def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
-    """DPM-Solver-2 as k-diffusion's sample_dpm_2: the slope at the log-space midpoint sigma (Lu et al. 2022 / Karras et al. 2022)."""
+    """DPM-Solver-2 as k-diffusion's sample_dpm_2: the slope at the log-space midpoint sigma
+    (Lu et al. 2022 / Karras et al. 2022)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -139,7 +141,8 @@ def _lambda(sigma: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
-    """DPM-Solver++(2M), multistep 2nd order in x0-prediction (Lu et al. 2022, Algorithm 2); first and last steps 1st order."""
+    """DPM-Solver++(2M), multistep 2nd order in x0-prediction (Lu et al. 2022, Algorithm 2); first and
+    last steps 1st order."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -183,7 +186,8 @@ def sample_dpmpp_2m_sde(
 
 
 def _unipc_rhos(rks: list[Tensor], h: Tensor, order: int, corrector: bool) -> Tensor:
-    """UniPC weights: solve R rho = b, R_kj = r_j^(k-1), b_k = k! (-h) phi_(k+1)(-h) / B(h), B(h) = expm1(-h) ('bh2') (Zhao et al. 2023)."""
+    """UniPC weights: solve R rho = b, R_kj = r_j^(k-1), b_k = k! (-h) phi_(k+1)(-h) / B(h),
+    B(h) = expm1(-h) ('bh2') (Zhao et al. 2023)."""
     if order == 1 or (not corrector and order == 2):
         return torch.full((1,), 0.5)
     hh = -h
@@ -236,9 +240,6 @@ def sample_unipc(model: Model, x: Tensor, sigmas: Tensor, order: int = 2, callba
         denoised = (denoised + [d])[-order:]
         prev_order = min(order, n - i, len(denoised))  # warm up, and end at 1st order
         x_prev = x
-        if sigmas[i + 1] == 0:
-            x = d
-        else:
-            x = _unipc_update(x, denoised, sigmas, i, prev_order)
+        x = d if sigmas[i + 1] == 0 else _unipc_update(x, denoised, sigmas, i, prev_order)
         callback(i, sigmas[i + 1], x, d)
     return x
