@@ -69,12 +69,13 @@ def default_dtype(device: torch.device) -> str:
 
 
 def default_model_path() -> Path:
-    """The embedded default model, or a clear error while this build has none."""
+    """The embedded shapes model shipped in the package (`python -m sdtorch.train` makes it), or a
+    clear error where an install has lost it."""
     path = Path(str(resources.files("sdtorch") / EMBEDDED_MODEL))
     if not path.is_file():
         raise SdtorchError(
-            "no --model given, and this build of sdtorch has no embedded default model yet; "
-            "pass --model PATH to an SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder"
+            f"no --model given, and the embedded default model ({path}) is missing from this install; "
+            "reinstall sdtorch, or pass --model PATH to an SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder"
         )
     return path
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import randomise_
 from PIL import Image
 
+from sdtorch import cli, pipeline
 from sdtorch.config import TINY
 from sdtorch.loading import save_checkpoint
 from sdtorch.metadata import read_png_parameters
@@ -91,10 +92,14 @@ def test_user_mistakes_give_one_line_and_no_traceback(checkpoint, tmp_path, args
     assert list(tmp_path.glob("sdtorch-*.png")) == []
 
 
-def test_without_model_says_the_embedded_model_is_not_built_yet(tmp_path):
-    run = run_cli("generate", "a red circle", "--steps", 2, "--quiet", cwd=tmp_path)
-    assert run.returncode == 2
-    assert "no embedded default model yet; pass --model PATH" in run.stderr
+def test_a_lost_embedded_model_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    # The shipped model is exercised in test_default_model; here an install that has lost its file.
+    monkeypatch.setattr(pipeline, "EMBEDDED_MODEL", "data/default/gone.safetensors")
+    out = tmp_path / "out.png"
+    assert cli.main(["generate", "a red circle", "--steps", "2", "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "embedded default model" in err and "--model PATH" in err, err
+    assert not out.exists()
 
 
 def test_save_steps_shows_noise_turning_into_the_image(checkpoint, tmp_path):
