@@ -106,6 +106,9 @@ def test_schedule_and_clock():
     clock.elapsed = 10.0
     assert clock.done(20)
     assert Clock(100).position(20) == 20
+    paced = Clock(100, elapsed=30.0)  # 20 steps took 30 s: 80 more take 120 s
+    assert paced.remaining(20) == 120.0 and paced.eta(20) == "2:00 left"
+    assert Clock(100, budget=50.0, elapsed=30.0).remaining(20) == 20.0  # the budget ends first
 
 
 def test_recipe_override_and_scale():

@@ -78,13 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="wall-clock budget of the whole run; the UNet stage ends early to keep it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quiet", action="store_true", help="log to DIR/train.log only, print nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = RECIPE.override(args.set)
     if args.scale != 1.0:
         recipe = recipe.scaled(args.scale)
-    train(recipe, args.out, resume=args.resume, device=args.device, dtype=args.dtype, minutes=args.minutes)
+    train(recipe, args.out, resume=args.resume, device=args.device, dtype=args.dtype, quiet=args.quiet,
+          minutes=args.minutes)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def train_clip(recipe: Recipe, work: Path, log: Log, device="cpu", resume: bool 
         acc_running = acc if acc_running is None else 0.95 * acc_running + 0.05 * acc
         if step % 50 == 0 or step == hp.steps:
             log(f"clip: step {step}/{hp.steps} loss {running:.4f} retrieval@1 {acc_running:.3f} "
-                f"threads {tuner.current} temperature {1 / trainer.logit_scale.exp().item():.4f}")
+                f"threads {tuner.current} temperature {1 / trainer.logit_scale.exp().item():.4f}, {clock.eta(step)}")
         if step % 250 == 0 or clock.done(step):
             save_state(path, {"model": trainer.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                               "elapsed": clock.elapsed})

@@ -124,6 +124,16 @@ class Clock:
     def done(self, step: int) -> bool:
         return step >= self.steps or (self.budget is not None and self.elapsed >= self.budget)
 
+    def remaining(self, step: int) -> float:
+        """Seconds left at `step`: the remaining steps at the pace so far, or what is left of the
+        budget, whichever ends first."""
+        by_steps = (self.steps - step) * self.elapsed / max(step, 1)
+        return by_steps if self.budget is None else min(by_steps, max(0.0, self.budget - self.elapsed))
+
+    def eta(self, step: int) -> str:
+        minutes, seconds = divmod(round(self.remaining(step)), 60)
+        return f"{minutes}:{seconds:02d} left"
+
 
 class ThreadTuner:
     """Chooses the number of torch CPU threads by timing steps, because the machine is shared.

@@ -112,7 +112,7 @@ def train_unet(recipe: Recipe, text_encoder: CLIPTextModel, vae: AutoencoderKL, 
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 50 == 0 or step == hp.steps:
             log(f"unet: step {step}/{hp.steps} loss {running:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                f"({clock.elapsed / step:.2f} s/step, threads {tuner.current})")
+                f"({clock.elapsed / step:.2f} s/step, threads {tuner.current}), {clock.eta(step)}")
         if step % hp.save_every == 0 or clock.done(step):
             save_state(path, {"model": unet.state_dict(), "optimizer": optimizer.state_dict(),
                               "ema": ema.state_dict(), "step": step, "elapsed": clock.elapsed})

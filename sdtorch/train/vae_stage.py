@@ -92,7 +92,7 @@ def train_vae(recipe: Recipe, work: Path, log: Log, device="cpu", resume: bool =
         running = (l1, kl) if running is None else (0.95 * running[0] + 0.05 * l1, 0.95 * running[1] + 0.05 * kl)
         if step % 50 == 0 or step == hp.steps:
             log(f"vae: step {step}/{hp.steps} L1 {running[0]:.4f} (pixel levels {running[0] * 127.5:.2f}) "
-                f"KL {running[1]:.3f} threads {tuner.current}")
+                f"KL {running[1]:.3f} threads {tuner.current}, {clock.eta(step)}")
         if step % 250 == 0 and not clock.done(step):
             save_state(path, {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                               "elapsed": clock.elapsed})
