@@ -26,6 +26,7 @@ from sdtorch.train.common import (
     ThreadTuner,
     load_state,
     lr_at,
+    optimise,
     save_state,
     set_lr,
     tokenize,
@@ -108,10 +109,7 @@ def train_clip(recipe: Recipe, work: Path, log: Log, device="cpu", resume: bool 
         set_lr(optimizer, lr_at(clock.position(step), hp.steps, hp.warmup, hp.lr))
         images, captions, _ = training_batch(hp.seed, step, hp.batch, device)
         loss, acc = trainer.loss(images, tokenize(captions, device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 1.0)
-        optimizer.step()
+        optimise(optimizer, loss, trainer)
         step += 1
         clock.tick()
         tuner.step_done()

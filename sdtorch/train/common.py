@@ -44,6 +44,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def optimise(optimizer: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module) -> None:
+    """One update of every stage: gradients of `loss`, clipped to norm 1, then the optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    optimizer.step()
+
+
 class Log:
     """Prints a line and appends it to `path` (with the wall-clock time since the log began)."""
 
@@ -68,7 +76,8 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    # Tensors, numbers and dicts only: the weights-only unpickler, as for any checkpoint.
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
 
 
 class EMA:

@@ -16,7 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sdtorch.train.common import Clock, Log, ThreadTuner, load_state, lr_at, save_state, set_lr, training_batch
+from sdtorch.train.common import (
+    Clock,
+    Log,
+    ThreadTuner,
+    load_state,
+    lr_at,
+    optimise,
+    save_state,
+    set_lr,
+    training_batch,
+)
 from sdtorch.train.recipe import Recipe
 from sdtorch.vae import AutoencoderKL
 
@@ -82,10 +92,7 @@ def train_vae(recipe: Recipe, work: Path, log: Log, device="cpu", resume: bool =
         set_lr(optimizer, lr_at(clock.position(step), hp.steps, hp.warmup, hp.lr))
         images, _, _ = training_batch(hp.seed, step, hp.batch, device)
         loss, l1, kl = vae_loss(vae, images, hp.kl_weight, hp.edge_gain)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        optimise(optimizer, loss, vae)
         step += 1
         clock.tick()
         tuner.step_done()
