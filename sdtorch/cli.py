@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sdtorch.errors import SdtorchError
 
-DEFAULTS = {"steps": 20, "cfg": 7.5, "sampler": "euler_a", "strength": 0.75, "negative": ""}
+# Guidance is not here: its default is the model's own (7.5 for SD checkpoints; see ModelConfig).
+DEFAULTS = {"steps": 20, "sampler": "euler_a", "strength": 0.75, "negative": ""}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "default: the model embedded in sdtorch")
     gen.add_argument("--negative", help="negative prompt (default: empty)")
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULTS['steps']})")
-    gen.add_argument("--cfg", type=float, help=f"classifier-free guidance scale (default {DEFAULTS['cfg']})")
+    gen.add_argument("--cfg", type=float, help="classifier-free guidance scale "
+                     "(default: the model's own; 7.5 for SD checkpoints)")
     gen.add_argument("--sampler", help=f"sampler name (default {DEFAULTS['sampler']}; see `sdtorch samplers`)")
     gen.add_argument("--karras", action="store_true", default=None, help="Karras et al. sigma spacing")
     gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")

@@ -74,6 +74,7 @@ class ModelConfig:
     vae: VAEConfig = VAEConfig()
     prediction_type: str = "epsilon"
     image_size: int = 512  # the side the model was trained at: the default width and height
+    default_cfg_scale: float = 7.5  # the guidance the model works best at: used when none is given
     beta_start: float = 0.00085  # v1-inference.yaml linear_start
     beta_end: float = 0.012  # v1-inference.yaml linear_end
     num_train_timesteps: int = 1000

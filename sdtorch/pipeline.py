@@ -128,7 +128,7 @@ class Pipeline:
         *,
         negative_prompt: str = "",
         steps: int = 20,
-        cfg_scale: float = 7.5,
+        cfg_scale: float | None = None,
         sampler: str = DEFAULT_SAMPLER,
         karras: bool = False,
         seed: int | None = None,
@@ -145,9 +145,11 @@ class Pipeline:
         """Generate `batch` images; image i uses seed + i. With `init_image`, image-to-image:
         the init image is resized to width x height, encoded, noised to `strength`, and only the
         last int(steps * strength) steps run. A size left None is the model's own (text-to-image)
-        or the init image's, rounded down to a multiple of 8 (image-to-image, as diffusers does)."""
+        or the init image's, rounded down to a multiple of 8 (image-to-image, as diffusers does).
+        `cfg_scale` None is the model's own default (7.5 for SD checkpoints)."""
         started = time.perf_counter()
         seed = random.randrange(2**32) if seed is None else seed
+        cfg_scale = self.model.config.default_cfg_scale if cfg_scale is None else cfg_scale
         check_settings(
             steps=steps, cfg_scale=cfg_scale, sampler=sampler, karras=karras, seed=seed, batch=batch,
             strength=strength, img2img=init_image is not None, width=width, height=height,
@@ -212,14 +214,14 @@ class Pipeline:
 def check_settings(
     *, steps, cfg_scale, sampler, karras, seed, batch, strength, img2img, width=None, height=None
 ) -> None:
-    """Reject what the user can fix, one line each, before any work is done (sizes left None
-    are not checked: the model's own size is used)."""
+    """Reject what the user can fix, one line each, before any work is done (sizes and CFG scale
+    left None are not checked: the model's own are used)."""
     for name, value in (("width", width), ("height", height)):
         if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
             raise SdtorchError(f"{name} {value} is not accepted; use a multiple of 8 (e.g. 512)")
     if not isinstance(steps, int) or steps < 1:
         raise SdtorchError(f"steps must be a whole number of at least 1, got {steps}")
-    if cfg_scale < 0:
+    if cfg_scale is not None and cfg_scale < 0:
         raise SdtorchError(f"CFG scale must be 0 or more, got {cfg_scale}")
     a1111_name(sampler, karras)  # raises for an unknown sampler, or Karras where it does not apply
     if not isinstance(batch, int) or batch < 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -53,6 +54,19 @@ def test_generate_writes_png_with_parameters_and_regenerates_from_it(checkpoint,
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""  # --quiet: no progress bar
     assert again.read_bytes() == out.read_bytes()
+
+
+def test_guidance_defaults_to_the_models_own(tmp_path):
+    model = StableDiffusion.random(dataclasses.replace(TINY, default_cfg_scale=3.0))
+    for net in model.networks().values():
+        randomise_(net, seed=21)
+    path = tmp_path / "tuned.safetensors"
+    save_checkpoint(model, path)
+    out = tmp_path / "out.png"
+    run = run_cli("generate", "a cat", "--model", path, "--steps", 2, "--seed", 1, "--width", 32, "--height", 32,
+                  "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert read_png_parameters(out).cfg_scale == 3.0
 
 
 def test_batch_and_img2img(checkpoint, tmp_path):

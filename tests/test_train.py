@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import torch
+import torch.nn.functional as F
 
 from sdtorch.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from sdtorch.loading import load_model
@@ -15,7 +16,7 @@ from sdtorch.train.__main__ import MODEL_FILE, train
 from sdtorch.train.clip_stage import CLIPTrainer
 from sdtorch.train.common import Clock, lr_at, tokenize, training_batch
 from sdtorch.train.recipe import RECIPE, Recipe
-from sdtorch.train.unet_stage import diffusion_loss
+from sdtorch.train.unet_stage import diffusion_loss, training_noise
 from sdtorch.train.vae_stage import edge_weights, vae_loss
 from sdtorch.unet import UNet
 from sdtorch.vae import AutoencoderKL
@@ -32,7 +33,8 @@ SMALL = ModelConfig(
 def small_recipe(steps: int = 3) -> Recipe:
     r = dataclasses.replace(RECIPE, model=SMALL)
     r = r.override([f"clip.image_channels={(8, 8, 8, 8)}", "clip.embed_dim=16", "clip.batch=8", "vae.batch=4",
-                    "unet.batch=4", "vae.scale_samples=16", "unet.save_every=2"])
+                    "unet.batch=4", "vae.scale_samples=16", "unet.save_every=2", "guidance.candidates=[1.0, 3.0]",
+                    "guidance.pictures=2"])
     return r.override([f"{s}.steps={steps}" for s in ("clip", "vae", "unet")] +
                       [f"{s}.warmup=1" for s in ("clip", "vae", "unet")])
 
@@ -90,12 +92,26 @@ def test_unet_loss_falls():
     opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
     losses = []
     for _ in range(15):
-        loss = diffusion_loss(unet, latents, context, torch.Generator().manual_seed(0), min_snr_gamma=5.0)
+        loss = diffusion_loss(unet, latents, context, torch.Generator().manual_seed(0), min_snr_gamma=5.0,
+                              pyramid_discount=RECIPE.unet.pyramid_noise_discount)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert falls(losses), losses
+
+
+def test_training_noise_adds_coarse_components():
+    shape = (256, 4, 16, 16)
+    white = training_noise(shape, torch.Generator().manual_seed(0))
+    pyramid = training_noise(shape, torch.Generator().manual_seed(0), pyramid_discount=0.5)
+    offset = training_noise(shape, torch.Generator().manual_seed(0), offset=0.1)
+    assert torch.equal(white, training_noise(shape, torch.Generator().manual_seed(0)))
+    assert abs(white.std() - 1) < 0.01 and abs(pyramid.std() - 1) < 0.01
+    # 4x4 latent patches, the size of an object: their means vary more (white 0.25, pyramid 0.36).
+    assert F.avg_pool2d(pyramid, 4).std() > 1.3 * F.avg_pool2d(white, 4).std()
+    # The offset moves whole channels (per-image channel means: white 0.06, with offset 0.11).
+    assert offset.mean(dim=(2, 3)).std() > 1.5 * white.mean(dim=(2, 3)).std()
 
 
 def test_schedule_and_clock():
@@ -130,6 +146,7 @@ def test_tiny_run_writes_loadable_checkpoint_and_resumes(tmp_path):
     assert image.size == (64, 64)
     log = (tmp_path / "train.log").read_text()
     assert "unet: step 3/3" in log
+    assert "guidance 3.0: " in log and model.config.default_cfg_scale in (1.0, 3.0)
     # Resuming a finished run trains nothing more and writes the same weights.
     before = load_model(path).state_dict()
     train(recipe, tmp_path, resume=True, quiet=True)
