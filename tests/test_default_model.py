@@ -15,12 +15,13 @@ from PIL import Image
 
 from sdtorch.loading.reader import open_tensors
 from sdtorch.pipeline import Pipeline, default_model_path
-from sdtorch.shapes.evaluate import evaluate
+from sdtorch.shapes.evaluate import evaluate, evaluate_img2img
 from sdtorch.shapes.judge import judge
 
 MODEL = default_model_path()  # shipped in the package: a build without it fails here
 
 N = 48
+N_I2I = 24
 SEED = 424_242  # not the evaluation command's seed, nor any training stream's
 
 
@@ -60,6 +61,14 @@ def test_guidance_raises_accuracy(pipe, scores):
     assert pipe.model.config.default_cfg_scale > 1
     unguided = evaluate(pipe, n=N, seed=SEED, cfg_scale=1.0)
     assert unguided["all"] <= scores["all"] - 0.1, (unguided, scores)
+
+
+def test_img2img_recolours_in_place(pipe):
+    # Same scene, another object colour, strength 0.6: here new colour 0.92, position kept 1.0. An
+    # img2img that kept too much of the init picture (as at strength 0.1: colour 0.29) or ignored the
+    # new prompt keeps the old colour.
+    edits = evaluate_img2img(pipe, n=N_I2I, seed=SEED)
+    assert edits["colour"] >= 0.6 and edits["position"] >= 0.8, edits
 
 
 def test_cli_default_model_draws_the_prompt(tmp_path):
