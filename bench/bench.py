@@ -74,8 +74,8 @@ def worker(impl: str, checkpoint: str, dtype_name: str, steps: int, quick: bool)
             def txt2img():
                 pipe.generate(PROMPT, steps=steps, sampler="euler", seed=1, width=512, height=512, progress=False)
     else:
-        from conftest import SCHEDULER_CONFIG
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+        from oracles import SCHEDULER_CONFIG
         from test_pipeline import sd15_reference_components
 
         components = sd15_reference_components(Path(checkpoint), Path(tempfile.mkdtemp()), dtype)
@@ -118,7 +118,7 @@ def main() -> None:
         return
 
     import torch
-    from conftest import SD15_KEYS, random_sd15_state
+    from oracles import SD15_KEYS, random_sd15_state
     from safetensors.torch import save_file
 
     results = {}

@@ -48,7 +48,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import SD15_KEYS, random_sd15_state
+    from oracles import SD15_KEYS, random_sd15_state
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random-sd15.safetensors"

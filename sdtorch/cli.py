@@ -2,21 +2,35 @@
 
     sdtorch generate "a red circle on a blue background" --steps 20 --seed 1 --out circle.png
     sdtorch generate --from-png circle.png          # the same image again, from its parameters
-    sdtorch samplers                                # the sampler names and what they accept
+    sdtorch samplers                                # the sampler and schedule names
 
-A user mistake prints one line, `sdtorch: error: ...`, and exits with status 2; nothing is written.
+Options become one `GenerationRequest`; its defaults and checks are the request's own. A user
+mistake prints one line, `sdtorch: error: ...`, and exits with status 2; nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from sdtorch.errors import SdtorchError
+from sdtorch.request import GenerationRequest
 
-# Guidance is not here: its default is the model's own (7.5 for SD checkpoints; see ModelConfig).
-DEFAULTS = {"steps": 20, "sampler": "euler_a", "strength": 0.75, "negative": ""}
+# argparse name -> GenerationRequest field, for the options that are request fields.
+REQUEST_OPTIONS = {
+    "prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "cfg": "cfg_scale",
+    "sampler": "sampler", "schedule": "schedule", "seed": "seed", "width": "width", "height": "height",
+    "batch": "batch", "strength": "strength", "eta": "eta", "clip_skip": "clip_skip", "emphasis": "emphasis",
+    "rng": "rng", "compat": "compat", "ensd": "ensd", "variation_seed": "variation_seed",
+    "variation_strength": "variation_strength", "seed_resize_from": "seed_resize_from",
+    "mask_blur": "mask_blur", "invert_mask": "invert_mask", "masked_content": "masked_content",
+    "inpaint_area": "inpaint_area", "inpaint_padding": "inpaint_padding", "outpaint": "outpaint",
+    "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_strength": "hires_strength",
+    "hires_upscaler": "hires_upscaler",
+}
+DEFAULTS = GenerationRequest()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,25 +38,75 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="text-to-image, or image-to-image with --init-image")
-    gen.add_argument("prompt", nargs="?", help="what to draw (not needed with --from-png)")
+    gen.add_argument("prompt", nargs="?",
+                     help="what to draw (\"\" for an unconditional image; not needed with --from-png)")
     gen.add_argument("--model", help="SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder; "
                      "default: the model embedded in sdtorch")
     gen.add_argument("--negative", help="negative prompt (default: empty)")
-    gen.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULTS['steps']})")
+    gen.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULTS.steps})")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance scale "
                      "(default: the model's own; 7.5 for SD checkpoints)")
-    gen.add_argument("--sampler", help=f"sampler name (default {DEFAULTS['sampler']}; see `sdtorch samplers`)")
-    gen.add_argument("--karras", action="store_true", default=None, help="Karras et al. sigma spacing")
+    gen.add_argument("--sampler", help=f"sampler name (default {DEFAULTS.sampler}; see `sdtorch samplers`)")
+    gen.add_argument("--schedule", help=f"schedule type (default {DEFAULTS.schedule}; 'automatic' is A1111's "
+                     "default for the sampler; see `sdtorch samplers`)")
+    gen.add_argument("--karras", dest="schedule", action="store_const", const="karras",
+                     help="the same as --schedule karras")
     gen.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     gen.add_argument("--width", type=int, help="multiple of 8 (default: the model's own size, or the init image's)")
     gen.add_argument("--height", type=int, help="multiple of 8 (default: the model's own size, or the init image's)")
-    gen.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument("--batch", type=int, help="number of images (default 1)")
     gen.add_argument("--init-image", help="start from this image (image-to-image)")
     gen.add_argument("--strength", type=float, help=f"how much of the init image to redo, in (0, 1] "
-                     f"(default {DEFAULTS['strength']})")
+                     f"(default {DEFAULTS.strength})")
+    gen.add_argument("--mask", metavar="FILE", help="inpaint (with --init-image): repaint where this mask is white "
+                     "(an RGBA mask: where it is opaque), keep the rest")
+    gen.add_argument("--mask-blur", type=int, help=f"blur the mask's edge by this many pixels "
+                     f"(default {DEFAULTS.mask_blur})")
+    gen.add_argument("--invert-mask", action="store_const", const=True, help="repaint where the mask is black")
+    gen.add_argument("--masked-content", choices=["fill", "original", "latent_noise", "latent_nothing"],
+                     help="what the masked area starts from (default original; A1111's 'Masked content')")
+    gen.add_argument("--inpaint-area", choices=["whole", "masked"], help="generate the whole picture (default), or "
+                     "only the masked region at full size, pasted back")
+    gen.add_argument("--inpaint-padding", type=int, help=f"pixels around the masked region with --inpaint-area "
+                     f"masked (default {DEFAULTS.inpaint_padding})")
+    gen.add_argument("--outpaint", type=_sides, metavar="L,R,T,B", help="extend --init-image by these many pixels "
+                     "left, right, top, bottom (multiples of 8) and paint the new area")
+    gen.add_argument("--hires-scale", type=float, help="hires fix: generate at the size, upscale by this factor, "
+                     "then refine at the large size (image-to-image)")
+    gen.add_argument("--hires-steps", type=int, help="steps of the hires pass (default 0: as many as --steps)")
+    gen.add_argument("--hires-strength", type=float, help=f"denoising strength of the hires pass "
+                     f"(default {DEFAULTS.hires_strength})")
+    gen.add_argument("--hires-upscaler", choices=["latent", "latent-bicubic", "lanczos", "nearest"],
+                     help="how the hires fix upscales: the latents (default latent) or the picture "
+                     "(lanczos, nearest)")
+    gen.add_argument("--eta", type=float, help="DDIM's eta, in [0, 1] (default 0: deterministic)")
     gen.add_argument("--clip-skip", type=int, help="use the text encoder's N-th layer from the end (default 1)")
+    gen.add_argument("--emphasis", choices=["original", "no_norm"], help="how (word:1.2) weights apply: original "
+                     "(A1111's default: scale, then restore each chunk's mean) or no_norm (scale only)")
+    gen.add_argument("--loras", "--lora-dir", dest="lora_dir", metavar="DIR",
+                     help="LoRA files that prompts name as <lora:NAME:WEIGHT>")
+    gen.add_argument("--lora", action="append", metavar="FILE[:WEIGHT]", help="apply this LoRA file (weight "
+                     "default 1); the same as <lora:NAME:WEIGHT> in the prompt, and recorded so (repeatable)")
+    gen.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings, used where a prompt "
+                     "writes their name (file name, or the name inside an A1111 embedding PNG)")
+    gen.add_argument("--rng", choices=["cpu", "gpu", "nv"], help="noise source: cpu (default; diffusers, ComfyUI, "
+                     "A1111's CPU), gpu or nv (the numbers CUDA's torch.randn gives, A1111's default, on any device)")
+    gen.add_argument("--compat", choices=["diffusers", "a1111"], help="sampling path: diffusers (default; equals "
+                     "diffusers' pipelines) or a1111 (equals AUTOMATIC1111: k-diffusion grids, every A1111 sampler "
+                     "and schedule type; set by --from-png for an A1111 image)")
+    gen.add_argument("--ensd", type=int, help="A1111's eta noise seed delta (with --compat a1111; default 0)")
+    gen.add_argument("--variation-seed", type=int, help="A1111's variation seed (with --compat a1111)")
+    gen.add_argument("--variation-strength", type=float, help="how much of the variation seed's noise, in [0, 1]")
+    gen.add_argument("--seed-resize-from", type=_size, metavar="WxH", help="A1111's 'Seed resize from': the noise "
+                     "of this size, centred (with --compat a1111)")
     gen.add_argument("--save-steps", metavar="DIR", help="write every step's latents and prediction, "
                      "decoded, plus a strip and a GIF, into DIR")
+    gen.add_argument("--vae", metavar="PATH", help="decode with this VAE instead of the model's own: a VAE file "
+                     "(.safetensors, .ckpt, .pt; e.g. vae-ft-mse-840000-ema-pruned) or a diffusers vae/ folder")
+    gen.add_argument("--preview", choices=["linear", "taesd"], help="the fast preview row of --save-steps: linear "
+                     "(default; a colour map fitted to the VAE) or taesd (the tiny autoencoder; needs --taesd)")
+    gen.add_argument("--taesd", metavar="PATH", help="TAESD weights: a folder with taesd_decoder.safetensors "
+                     "(or .pth), or the decoder file")
     gen.add_argument("--out", help="output PNG (default sdtorch-SEED.png; a batch adds -1, -2, ...)")
     gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp32 on the CPU, fp16 on a GPU")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
@@ -50,15 +114,42 @@ def build_parser() -> argparse.ArgumentParser:
                      "options given here override them")
     gen.add_argument("--quiet", action="store_true", help="no progress bars, only the summary line")
 
-    commands.add_parser("samplers", help="list the samplers")
+    commands.add_parser("samplers", help="list the samplers and schedule types")
+    from sdtorch.server import add_serve_parser
+
+    add_serve_parser(commands)
+    from sdtorch.batch import add_batch_parser
+
+    add_batch_parser(commands, gen)
+    from sdtorch.explain.command import add_explain_parser
+
+    add_explain_parser(commands, gen)
     return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The command's warnings as it prints its errors: one line, no source location."""
+    print(f"sdtorch: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning  # the documented hook for how an application shows warnings
     try:
         if args.command == "samplers":
             return list_samplers()
+        if args.command == "serve":
+            from sdtorch.server import serve
+
+            return serve(args)
+        if args.command == "batch":
+            from sdtorch.batch import batch
+
+            return batch(args)
+        if args.command == "explain":
+            from sdtorch.explain.command import explain_command
+
+            return explain_command(args)
         return generate(args)
     except SdtorchError as e:
         print(f"sdtorch: error: {e}", file=sys.stderr)
@@ -68,39 +159,98 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def list_samplers() -> int:
-    from sdtorch.samplers import SAMPLERS
+def _sides(text: str) -> tuple[int, int, int, int]:
+    try:
+        sides = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sides = ()
+    if len(sides) != 4:
+        raise argparse.ArgumentTypeError(f"expected left,right,top,bottom pixels, e.g. 0,64,0,0; got {text!r}")
+    return sides
 
-    for name, info in SAMPLERS.items():
-        notes = ["--karras" if info.supports_karras else "", "stochastic" if info.stochastic else ""]
-        print(f"{name:14s} {info.display_name:14s} {' '.join(n for n in notes if n)}")
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x768") from None
+    return width, height
+
+
+def list_samplers() -> int:
+    from sdtorch.samplers import ALL_SAMPLERS, ALL_SCHEDULE_TYPES
+
+    print("samplers (name, A1111 name, modes, default-mode schedule types, A1111 default schedule, notes):")
+    for name, entry in ALL_SAMPLERS.items():
+        notes = [*(f"--{option}" for option in entry.options), "stochastic" if entry.stochastic else "", entry.note]
+        schedules = ",".join(entry.schedules) or "-"
+        automatic = entry.a1111_default_schedule if "a1111" in entry.modes else "-"
+        print(f"  {name:18s} {entry.display_name:18s} {','.join(entry.modes):16s} {schedules:14s} {automatic:12s} "
+              f"{' '.join(n for n in notes if n)}".rstrip())
+    print("schedule types (name, A1111 name, modes):")
+    for name, kind in ALL_SCHEDULE_TYPES.items():
+        if name == "automatic":
+            continue
+        modes = "diffusers,a1111" if name in ("uniform", "karras") else "a1111"
+        print(f"  {name:18s} {kind.label:18s} {modes}")
+    print("  automatic          A1111's default for the sampler (default mode: where it has it, else uniform)")
+    print("modes (--compat): diffusers (default: equal to diffusers' pipelines), a1111 (equal to AUTOMATIC1111)")
+    print("noise sources (--rng): cpu (default: torch's CPU generator), gpu and nv (CUDA's torch.randn numbers)")
     return 0
 
 
-def settings_from_png(args: argparse.Namespace) -> None:
-    """Fill every option the user did not give from the PNG's A1111 parameters."""
-    from sdtorch.metadata import read_png_parameters, sampler_from_a1111
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    """The request the options describe: a PNG's parameters (--from-png) with the options given here
+    on top, the request's own defaults for the rest."""
+    fields = {}
+    if args.from_png:
+        fields, notes = record_fields(args.from_png)
+        for note in notes:
+            if not (args.sampler is not None and note.startswith("sampler ")):
+                print(f"sdtorch: note: {note}", file=sys.stderr)
+        if "strength" in fields and args.init_image is None:
+            raise SdtorchError(f"{args.from_png} was made by image-to-image; give its starting image with --init-image")
+    elif args.prompt is None:
+        raise SdtorchError('give a prompt, e.g. sdtorch generate "a red circle" (or --from-png FILE)')
+    fields |= {field: getattr(args, option) for option, field in REQUEST_OPTIONS.items()
+               if getattr(args, option) is not None}
+    if fields.get("compat") == "a1111" and "schedule" not in fields:
+        fields["schedule"] = "automatic"  # A1111's own default: the sampler's schedule type
+    return GenerationRequest(**fields)
 
-    params = read_png_parameters(args.from_png)
-    sampler, karras = sampler_from_a1111(params.sampler) if params.sampler else (None, None)
-    stored = {
-        "prompt": params.prompt,
-        "negative": params.negative_prompt,
-        "steps": params.steps,
-        "cfg": params.cfg_scale,
-        "sampler": sampler,
-        "karras": karras,
-        "seed": params.seed,
-        "width": params.width,
-        "height": params.height,
-        "strength": params.denoising_strength,
-        "clip_skip": int(params.extra["Clip skip"]) if "Clip skip" in params.extra else None,
-    }
-    for key, value in stored.items():
-        if getattr(args, key) is None and value is not None:
-            setattr(args, key, value)
-    if params.denoising_strength is not None and args.init_image is None:
-        raise SdtorchError(f"{args.from_png} was made by image-to-image; give its starting image with --init-image")
+
+def record_fields(path: str) -> tuple[dict, list[str]]:
+    """The request fields an image's record gives (A1111's or ours) and a line for each thing it asks that will
+    not be honoured; another tool's record, or none, is one SdtorchError line saying what it is."""
+    from sdtorch.foreign_metadata import read_image_record, regeneration_fields
+
+    record = read_image_record(path)
+    if not record.regenerates:
+        raise SdtorchError(f"{record.describe(path)}; sdtorch regenerates A1111 and sdtorch records only: "
+                           "give those settings as options")
+    return regeneration_fields(record.text)
+
+
+def model_note(path: str, pipe) -> str | None:
+    """A line when the record's model hash is not the loaded model's."""
+    from sdtorch.foreign_metadata import model_hash_note, read_image_record
+    from sdtorch.metadata import parse_parameters
+
+    params = parse_parameters(read_image_record(path).text)
+    if not params.model_hash:
+        return None
+    return model_hash_note(params.model_hash, params.model, pipe.model_hash, pipe.model_name)
+
+
+def lora_tag(pipe, spec: str) -> str:
+    """--lora FILE[:WEIGHT] -> the prompt tag <lora:NAME:WEIGHT> that applies it (and records it)."""
+    path, _, weight = spec.rpartition(":") if ":" in Path(spec).name else (spec, "", "1")
+    try:
+        float(weight)
+    except ValueError:
+        raise SdtorchError(f"--lora {spec!r}: the weight after ':' must be a number, e.g. style.safetensors:0.8")\
+            from None
+    return f"<lora:{pipe.adapters.add_lora_file(path)}:{weight}>"
 
 
 def output_paths(out: str | None, seeds: list[int]) -> list[Path]:
@@ -114,59 +264,77 @@ def output_paths(out: str | None, seeds: list[int]) -> list[Path]:
     return [base.with_name(f"{base.stem}-{i}{base.suffix}") if i else base for i in range(len(seeds))]
 
 
-def generate(args: argparse.Namespace) -> int:
-    import random
+def load_mask(path: str):
+    """A mask file as it is (an RGBA mask keeps its alpha: sdtorch.inpaint reads it)."""
+    from PIL import Image
 
-    if args.from_png:
-        settings_from_png(args)
-    if not args.prompt:
-        raise SdtorchError("give a prompt, e.g. sdtorch generate \"a red circle\" (or --from-png FILE)")
-    for key, value in DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     from sdtorch.images import load_image
-    from sdtorch.metadata import write_png
-    from sdtorch.pipeline import Pipeline, check_settings, default_model_path
-    from sdtorch.preview import LatentPreview, StepRecorder, save_steps
 
-    # Everything the user gave is checked before the model is loaded.
-    check_settings(
-        steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler, karras=bool(args.karras), seed=args.seed,
-        batch=args.batch, strength=args.strength, img2img=args.init_image is not None,
-        width=args.width, height=args.height,
-    )
-    seed = random.randrange(2**32) if args.seed is None else args.seed
-    paths = output_paths(args.out, [seed + i for i in range(args.batch)])
+    load_image(path)  # the same checks as any picture: exists, a raster format, not too large
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
 
-    init_image = load_image(args.init_image) if args.init_image else None
-    model_path = args.model or default_model_path()
-    pipe = Pipeline.load(model_path, device=args.device, dtype=args.dtype)
+
+def step_preview(args: argparse.Namespace, pipe):
+    """The fast preview --preview asks for: TAESD's decoder, or the linear map fitted to the model's VAE."""
+    if args.preview == "taesd":
+        from sdtorch.taesd import TAESDPreview
+
+        return TAESDPreview.load(args.taesd, device=pipe.model.device)
+    from sdtorch.preview import LatentPreview
+
+    return LatentPreview.fit(pipe.model.vae)
+
+
+def generate(args: argparse.Namespace) -> int:
+    # Everything the user gave is checked before the model is loaded; the seed is drawn once, here.
+    request = request_from_args(args).with_seed()
+    outpaint, request = request.outpaint, request.replace(outpaint=None)  # checked once the picture is loaded
+    request.validate()
+    if getattr(args, "preview", None) == "taesd" and not args.taesd:
+        raise SdtorchError("--preview taesd needs --taesd PATH (a folder with taesd_decoder.safetensors)")
+    paths = output_paths(args.out, request.seeds)
+
+    from sdtorch.images import load_image
+    from sdtorch.metadata import infotext, write_png
+    from sdtorch.pipeline import Pipeline, default_model_path
+    from sdtorch.preview import StepRecorder, save_steps
+    from sdtorch.progress import StepProgress
+
+    if args.init_image:
+        request = request.replace(init_image=load_image(args.init_image))
+        request.validate()
+    if args.mask:
+        request = request.replace(mask=load_mask(args.mask))
+        request.validate()
+    if outpaint is not None:
+        request = request.replace(outpaint=outpaint)
+        request.validate()
+    pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=args.vae)
+    for warning in pipe.adapters.warnings:
+        print(f"sdtorch: {warning}", file=sys.stderr)
+    for spec in args.lora or ():
+        request = request.replace(prompt=f"{request.prompt} {lora_tag(pipe, spec)}".strip())
+    note = model_note(args.from_png, pipe) if args.from_png else None
+    if note:
+        print(f"sdtorch: note: {note}", file=sys.stderr)
     recorder = StepRecorder() if args.save_steps else None
-    result = pipe.generate(
-        args.prompt,
-        negative_prompt=args.negative,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        sampler=args.sampler,
-        karras=bool(args.karras),
-        seed=seed,
-        width=args.width,
-        height=args.height,
-        batch=args.batch,
-        init_image=init_image,
-        strength=args.strength,
-        clip_skip=args.clip_skip or 1,
-        callback=recorder,
-        progress=not args.quiet,
-    )
-    for image, params, path in zip(result.images, result.params, paths):
-        write_png(path, image, params)
+    with StepProgress(request, disable=args.quiet) as bar:
+        result = pipe.run(request, bar.chain(recorder))
+    for warning in result.warnings:
+        print(f"sdtorch: warning: {warning}", file=sys.stderr)
+    for image, one, path in zip(result.images, result.per_image(), paths):
+        write_png(path, image, infotext(one, model_name=pipe.model_name, model_hash=pipe.model_hash))
     if recorder is not None:
-        save_steps(args.save_steps, recorder, pipe.decode, LatentPreview.fit(pipe.model.vae))
+        save_steps(args.save_steps, recorder, pipe.decode, step_preview(args, pipe))
+    from sdtorch.samplers import a1111_name
+
     what = ", ".join(str(p) for p in paths)
     steps_note = f"; steps in {args.save_steps}" if args.save_steps else ""
-    print(f"wrote {what} (seed {seed}, {args.steps} steps, {result.params[0].sampler}) "
-          f"in {result.seconds:.1f} s{steps_note}")
+    sampler = a1111_name(result.request.sampler, result.request.schedule, result.request.compat)
+    print(f"wrote {what} (seed {request.seed}, {request.steps} steps, {sampler}) in {result.seconds:.1f} s{steps_note}")
     return 0
 
 

@@ -27,9 +27,12 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.token_embedding(ids) + self.position_embedding(positions)  # (B, T, C)
+    def forward(self, ids: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T), or token vectors (B, T, C) already looked up (textual inversion puts its
+        own vectors among them), plus the position embeddings."""
+        tokens = self.token_embedding(ids) if tokens is None else tokens
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        return tokens + self.position_embedding(positions)  # (B, T, C)
 
 
 class CLIPAttention(nn.Module):
@@ -86,20 +89,28 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
-    def hidden_states(self, ids: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(
+        self, ids: torch.Tensor | None = None, upto: int | None = None, *, tokens: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """The embeddings followed by each layer's output (no final norm), as transformers'
-        `output_hidden_states`; stops after layer `upto` when given."""
-        x = self.embeddings(ids)
+        `output_hidden_states`; stops after layer `upto` when given. Takes ids (B, T) or, as
+        `tokens`, token vectors (B, T, width)."""
+        x = self.embeddings(ids, tokens)
         states = [x]
         for layer in self.encoder.layers[:upto]:
             x = layer(x)
             states.append(x)
         return states
 
-    def forward(self, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor | None = None, clip_skip: int = 1, *, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The context SD conditions on: the final layer's output (clip_skip=1) or, as A1111's
-        "Clip skip" N, the output of the N-th layer from the end; either through the final norm."""
+        "Clip skip" N, the output of the N-th layer from the end; either through the final norm.
+        Input: ids (B, T), or token vectors (B, T, width) as `tokens` (see `CLIPEmbeddings`)."""
         if not 1 <= clip_skip <= self.config.layers:
             raise SdtorchError(f"clip skip must be between 1 and {self.config.layers}, got {clip_skip}")
-        x = self.hidden_states(ids, upto=self.config.layers - clip_skip + 1)[-1]
+        if (ids is None) == (tokens is None):
+            raise ValueError("give the text encoder either token ids or token vectors")
+        x = self.hidden_states(ids, upto=self.config.layers - clip_skip + 1, tokens=tokens)[-1]
         return self.final_layer_norm(x)  # (B, T, width)

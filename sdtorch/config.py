@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sdtorch.families import SD1
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -37,6 +39,7 @@ class UNetConfig:
     # Which levels (0 = full latent resolution) carry a spatial transformer after each res-block.
     attention_levels: tuple[int, ...] = (0, 1, 2)
     num_heads: int = 8  # SD 1.x fixes the head count; head width = channels / heads
+    head_dim: int | None = None  # SD 2.x fixes the head width instead (64): heads = channels / head_dim
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_proj: bool = False  # SD 1.x projects in/out of the transformer with 1x1 convs
@@ -45,6 +48,10 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads of a transformer over `channels` channels."""
+        return channels // self.head_dim if self.head_dim else self.num_heads
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,8 @@ class VAEConfig:
     num_res_blocks: int = 2
     latent_channels: int = 4
     norm_groups: int = 32
-    scaling_factor: float = 0.18215  # v1-inference.yaml `scale_factor`
+    scaling_factor: float = SD1.latent_format.scale  # the latent scale it was trained with
+    shift_factor: float = SD1.latent_format.shift
 
     @property
     def downscale(self) -> int:
@@ -67,16 +75,19 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to build a Stable Diffusion model: the three networks and the schedule."""
+    """Everything needed to build a Stable Diffusion model: its family, the three networks, the
+    training schedule (`sdtorch.diffusion.NoiseSchedule.of`) and what the UNet predicts."""
 
+    family: str = SD1.name
     text: CLIPTextConfig = CLIPTextConfig()
     unet: UNetConfig = UNetConfig()
     vae: VAEConfig = VAEConfig()
-    prediction_type: str = "epsilon"
-    image_size: int = 512  # the side the model was trained at: the default width and height
-    default_cfg_scale: float = 7.5  # the guidance the model works best at: used when none is given
+    prediction_type: str = SD1.prediction_type  # "epsilon" or "v_prediction"
+    image_size: int = SD1.image_size  # the side the model was trained at: the default width and height
+    default_cfg_scale: float = SD1.cfg_scale  # the guidance the model works best at: used when none is given
     beta_start: float = 0.00085  # v1-inference.yaml linear_start
     beta_end: float = 0.012  # v1-inference.yaml linear_end
+    beta_schedule: str = "scaled_linear"
     num_train_timesteps: int = 1000
 
     def to_dict(self) -> dict:

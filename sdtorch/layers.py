@@ -7,6 +7,8 @@ loads by stripping a prefix.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, cau
     q, k, v = (x.reshape(b, x.shape[1], heads, c // heads).transpose(1, 2) for x in (q, k, v))  # (B, heads, T, d)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, tq, c)  # (B, T, C)
+
+
+# The attention seam: layers that attend call their `attention_fn` (q, k, v, heads) -> out, over
+# (B, T, C) tensors; `attention` unless a caller swaps it for a scope with `swapped_attention`.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@contextmanager
+def swapped_attention(
+    network: nn.Module, choose: Callable[[str, nn.Module], AttentionFn | None]
+) -> Iterator[None]:
+    """For the scope, each attending layer of `network` (a module with an `attention_fn`) uses
+    `choose(name, layer)`, its qualified name and itself, unless that returns None; the previous
+    functions are put back on exit, whatever happens. Recording attention maps or trying another
+    kernel goes through here, never by patching a module's methods."""
+    previous = {}
+    try:
+        for name, layer in network.named_modules():
+            if hasattr(layer, "attention_fn") and (fn := choose(name, layer)) is not None:
+                previous[layer] = layer.attention_fn
+                layer.attention_fn = fn
+        yield
+    finally:
+        for layer, fn in previous.items():
+            layer.attention_fn = fn
 
 
 class Downsample(nn.Module):

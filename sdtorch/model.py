@@ -1,25 +1,29 @@
-"""A loaded Stable Diffusion model: the three networks, their config and where they came from."""
+"""A loaded Stable Diffusion model: the three networks, their config, their family and schedule."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from sdtorch.clip import CLIPTextModel
 from sdtorch.config import ModelConfig
+from sdtorch.diffusion import NoiseSchedule
+from sdtorch.families import LatentFormat, ModelFamily, family_of
 from sdtorch.unet import UNet
 from sdtorch.vae import AutoencoderKL
 
-# Our module for each network, and the prefix an original single-file checkpoint stores it under.
+# Our module for each network and the part of ModelConfig that configures it; the prefix it is
+# stored under in a single file is the family's (`ModelFamily.prefixes`).
 NETWORKS = {
-    "text_encoder": (CLIPTextModel, "text", "cond_stage_model.transformer.text_model."),
-    "unet": (UNet, "unet", "model.diffusion_model."),
-    "vae": (AutoencoderKL, "vae", "first_stage_model."),
+    "text_encoder": (CLIPTextModel, "text"),
+    "unet": (UNet, "unet"),
+    "vae": (AutoencoderKL, "vae"),
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class StableDiffusion:
     config: ModelConfig
     text_encoder: CLIPTextModel
@@ -31,11 +35,24 @@ class StableDiffusion:
     def random(cls, config: ModelConfig, seed: int = 0) -> StableDiffusion:
         """Freshly initialised networks (tests, training from scratch)."""
         torch.manual_seed(seed)
-        nets = {name: kind(getattr(config, part)).eval() for name, (kind, part, _) in NETWORKS.items()}
+        nets = {name: kind(getattr(config, part)).eval() for name, (kind, part) in NETWORKS.items()}
         return cls(config=config, **nets)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in NETWORKS}
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.config.family)
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        return NoiseSchedule.of(self.config)
+
+    @property
+    def latent_format(self) -> LatentFormat:
+        vae = self.config.vae
+        return LatentFormat(vae.scaling_factor, vae.shift_factor, vae.latent_channels, vae.downscale)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -50,10 +67,24 @@ class StableDiffusion:
             net.to(device=device, dtype=dtype)
         return self
 
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Images (1, 3, H, W) in [-1, 1] -> one latent sample (fp32, on the model's device) per
+        generator, each drawn on the CPU from its own generator as diffusers does: (B, C, H/f, W/f)."""
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype))
+        latents = torch.cat([posterior.sample(g).float().cpu() for g in generators])
+        return self.latent_format.from_vae(latents).to(self.device)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet-scale latents -> images (B, 3, H, W) in about [-1, 1], float32."""
+        return self.vae.decode(self.latent_format.to_vae(latents).to(self.device, self.dtype)).float()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All weights under the original single-file checkpoint names."""
+        prefixes = self.family.prefixes
         return {
-            prefix + key: value
-            for name, (_, _, prefix) in NETWORKS.items()
+            prefixes[name] + key: value
+            for name in NETWORKS
             for key, value in getattr(self, name).state_dict().items()
         }

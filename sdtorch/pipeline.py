@@ -1,18 +1,19 @@
-"""The one generation path: prompt -> context, seed -> noise, sampler loop with classifier-free
-guidance, VAE decode -> images. Text-to-image and image-to-image differ only in where the
-sampler starts (pure noise, or the VAE-encoded init image noised to `strength`).
+"""The one generation path: a `GenerationRequest` in, images out.
 
-Random numbers are drawn as diffusers draws them on the CPU, one generator per image seeded
-with seed + i (AUTOMATIC1111's convention), so image i of a batch can be regenerated alone and
-matches diffusers' pipelines given the same per-image generators.
+prompts -> `Conditioning` (conditioning.py), seed -> noise, the sampler loop over a `Denoiser`
+(diffusion.py) that wraps the guided UNet (guidance.py), VAE decode -> images. Text-to-image and
+image-to-image differ only in where the sampler starts (`start_latents`: pure noise, or the
+VAE-encoded init image noised to `strength`).
+
+Random numbers are drawn as diffusers draws them on the CPU, one generator per image seeded with
+seed + i (AUTOMATIC1111's convention), so image i of a batch can be regenerated alone and matches
+diffusers' pipelines given the same per-image generators.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -21,51 +22,62 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdtorch.adapters.library import Adapters, PromptAdapters
+from sdtorch.adapters.lora import apply_loras
+from sdtorch.conditioning import PromptEncoder, embeddings_in, encode
+from sdtorch.diffusion import Denoiser
 from sdtorch.errors import SdtorchError
+from sdtorch.guidance import guided_model
+from sdtorch.hires import hires_pass
 from sdtorch.images import prepare_init_image, to_pil
+from sdtorch.inpaint import inpaint, is_inpainting_model
 from sdtorch.loading import load_model
-from sdtorch.metadata import GenerationParams, model_hash
+from sdtorch.loading.hashing import model_hash
 from sdtorch.model import StableDiffusion
-from sdtorch.samplers import a1111_name, sample
+from sdtorch.request import GenerationRequest
+from sdtorch.runtime import Runtime
+from sdtorch.samplers import (
+    A1111Noise,
+    GeneratorNoise,
+    StepCallback,
+    a1111_options,
+    create_generator,
+    sample,
+    sample_a1111,
+)
+from sdtorch.samplers.philox import PhiloxGenerator
+from sdtorch.samplers.schedule_types import compvis_schedule
 from sdtorch.tokenizer import get_tokenizer
 
-DEFAULT_SAMPLER = "euler_a"
-MAX_SEED = 2**63 - 1
 # The small model sdtorch trains itself and ships, used when no model is given.
 EMBEDDED_MODEL = "data/default/sdtorch-shapes.safetensors"
-
-StepCallback = Callable[[int, int, float, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass
 class GenerationResult:
     images: list[Image.Image]
-    params: list[GenerationParams]  # one per image, with its own seed
-    latents: torch.Tensor  # (B, 4, H/8, W/8) final latents, unscaled by the VAE factor
+    request: GenerationRequest  # resolved: seed, size, guidance and schedule as used
+    latents: torch.Tensor  # (B, C, H/8, W/8) final latents, in the UNet's scale
     seconds: float = 0.0
-    seeds: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # one line each: what was read on but not as asked
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.request.seeds
+
+    def per_image(self) -> list[GenerationRequest]:
+        """The request that regenerates each image alone (its own seed, batch 1)."""
+        return self.request.per_image()
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' takes CUDA, then Apple's MPS, then the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise SdtorchError(f"unknown device {device!r}; accepted: auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SdtorchError("device 'cuda' asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise SdtorchError("device 'mps' asked for, but this PyTorch has no MPS support here; use --device cpu")
-    return torch.device(device)
-
-
-def default_dtype(device: torch.device) -> str:
-    """Half precision where GPUs are made for it; fp32 on the CPU, where fp16 is slow."""
-    return "fp32" if device.type == "cpu" else "fp16"
+def a1111_images(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> RGB images as A1111 makes them: clamp((x + 1) / 2, 0, 1) * 255, truncated
+    to 8 bits (numpy's astype(uint8)), where diffusers rounds."""
+    x = ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+    if torch.isnan(x).any():
+        raise SdtorchError("the decoded image contains NaN values (often a float16 VAE overflowing); decode in float32")
+    pixels = (255.0 * x.permute(0, 2, 3, 1).numpy()).astype("uint8")
+    return [Image.fromarray(p) for p in pixels]
 
 
 def default_model_path() -> Path:
@@ -83,20 +95,47 @@ def default_model_path() -> Path:
 class Pipeline:
     """A loaded model, ready to generate many times: `Pipeline.load(path).generate("a cat")`."""
 
-    def __init__(self, model: StableDiffusion, model_path: str | os.PathLike | None = None):
-        if model.config.prediction_type != "epsilon":
-            raise SdtorchError(
-                f"this model predicts {model.config.prediction_type!r}; sdtorch runs epsilon-prediction (SD 1.x) models"
-            )
+    def __init__(
+        self, model: StableDiffusion, model_path: str | os.PathLike | None = None, adapters: Adapters | None = None
+    ):
         self.model = model
         self.model_path = Path(model_path) if model_path else (Path(model.source) if model.source else None)
-        self.tokenizer = get_tokenizer()
+        self.tokenizer = get_tokenizer(model.family.pad_id)
+        self.adapters = adapters or Adapters()
+        self.prompt_encoder = PromptEncoder(model.text_encoder, self.tokenizer, self.adapters.embeddings)
+        self.vae_record: dict[str, str] = {}  # "VAE hash", "VAE" of a chosen VAE (use_vae), as A1111 records it
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", dtype: str | None = None) -> Pipeline:
-        target = pick_device(device)
-        model = load_model(path, dtype=dtype or default_dtype(target), device=target)
-        return cls(model, path)
+    def load(
+        cls, path: str | os.PathLike, device: str = "auto", dtype: str | None = None, *,
+        lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+    ) -> Pipeline:
+        """A model from a file or folder, with the LoRAs of `lora_dir` usable as `<lora:name:w>` in
+        prompts and the textual-inversion embeddings of `embeddings_dir` by their names."""
+        runtime = Runtime.choose(device, dtype)
+        model = load_model(path, dtype=runtime.dtype, device=runtime.device)
+        pipe = cls(model, path, Adapters.from_folders(lora_dir, embeddings_dir, model.config.text.width))
+        return pipe.use_vae(vae) if vae is not None else pipe
+
+    def use_vae(self, path: str | os.PathLike) -> Pipeline:
+        """Decode (and encode) with the standalone VAE at `path` (a VAE file or diffusers `vae/` folder)
+        instead of the model's own; recorded as A1111 records it ("VAE hash", "VAE")."""
+        from sdtorch.loading.vae_file import use_vae, vae_record
+
+        use_vae(self.model, path)
+        self.vae_record = vae_record(path)
+        return self
+
+    def _adapter_record(self, request: GenerationRequest, wanted: PromptAdapters) -> dict[str, str]:
+        """What A1111 records of the adapters a generation used: "Lora hashes", "TI hashes", "Emphasis"."""
+        record = {}
+        if wanted.loras:
+            record["Lora hashes"] = wanted.hashes
+        used = embeddings_in(self.prompt_encoder, [wanted.prompt, request.negative_prompt])
+        if used:
+            record["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
+        return record
 
     @property
     def model_name(self) -> str | None:
@@ -104,145 +143,140 @@ class Pipeline:
 
     @cached_property
     def model_hash(self) -> str | None:
-        """A1111's "Model hash" (sha256 of the file, 10 hex digits); None for a folder."""
+        """A1111's "Model hash" (sha256 of the file, 10 hex digits), computed once per loaded model;
+        None for a folder."""
         if self.model_path is None or not self.model_path.is_file():
             return None
         return model_hash(self.model_path)
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Prompts -> text context (B, 77, width) in the model's dtype."""
-        ids = self.tokenizer(prompts).to(self.model.device)
-        return self.model.text_encoder(ids, clip_skip=clip_skip)
-
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Final-scale latents -> images (B, 3, H, W) in about [-1, 1], float32."""
-        vae = self.model.vae
-        return vae.decode((latents / vae.config.scaling_factor).to(self.model.device, self.model.dtype)).float()
+        """UNet-scale latents -> images (B, 3, H, W) in about [-1, 1], float32."""
+        return self.model.decode_latents(latents)
 
     @torch.no_grad()
+    def run(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
+        """Generate what `request` asks for; `callback` receives a `StepEvent` after every step."""
+        started = time.perf_counter()
+        request = request.resolved(self.model)
+        model = self.model
+        generators = [create_generator(request.rng, s) for s in request.seeds]  # "cpu": torch's, as diffusers
+
+        wanted = self.adapters.for_prompt(request.prompt)  # <lora:...> tags out of the prompt
+        options = {k: v for k, v in request.options.items() if k not in ("VAE hash", "VAE")}  # the VAE used, below
+        request = request.replace(options={**options, **self._adapter_record(request, wanted), **self.vae_record})
+        with apply_loras(model, wanted.loras) as applied:  # restored bit-exactly on the way out
+            result = self._sample(request, wanted.prompt, generators, callback, started)
+        result.warnings += applied.warnings  # LoRA layers that matched nothing in this model
+        return result
+
+    def _sample(self, request, prompt, generators, callback, started) -> GenerationResult:
+        model = self.model
+        guided = request.cfg_scale > 1  # as diffusers: no unconditional pass at <= 1
+        cond, uncond = encode(self.prompt_encoder, prompt, request.negative_prompt if guided else None,
+                              request.steps, request.clip_skip, request.emphasis)
+
+        if request.mask is not None or request.outpaint is not None or is_inpainting_model(model):  # sdtorch.inpaint
+            return inpaint(self, request, cond, uncond, generators, callback, started)
+        if request.compat == "a1111":
+            latents = self._sample_a1111(request, cond, uncond, callback)
+            images = a1111_images(model.decode_latents(latents))
+            return GenerationResult(images, request, latents, time.perf_counter() - started)
+        init_latents, noise = self.start_latents(request, generators)
+        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch),
+                            model.schedule, model.config.prediction_type)
+        latents = sample(
+            request.sampler,
+            denoiser,
+            noise,
+            request.steps,
+            schedule=request.schedule,
+            noise_source=GeneratorNoise(noise, generators),
+            init_latents=init_latents,
+            strength=request.strength if request.img2img else 1.0,
+            eta=request.eta,
+            callback=callback,
+        )
+        if request.hires_scale is not None:  # sdtorch.hires: upscale, then image-to-image at the large size
+            latents = hires_pass(self, request, latents, cond, uncond, generators, callback)
+        images = to_pil(model.decode_latents(latents))
+        return GenerationResult(images, request, latents, time.perf_counter() - started)
+
+    def _sample_a1111(self, request, cond, uncond, callback) -> torch.Tensor:
+        """A1111's path (samplers.run.sample_a1111): its noise (A1111Noise: per-image generators, variation
+        seed, seed resize, ENSD), the model's schedule as CompVis holds it, its img2img rule and options."""
+        model = self.model
+        init_latents, noise, noise_source = self.a1111_start_latents(request)
+        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch),
+                            compvis_schedule(model.config), model.config.prediction_type)
+        options, _ = a1111_options(request.sampler, request.schedule, dict(request.options))
+        return sample_a1111(
+            request.sampler, denoiser, noise, request.steps, schedule=request.schedule, noise_source=noise_source,
+            seeds=request.seeds, init_latents=init_latents, strength=request.strength if request.img2img else 1.0,
+            options=options, callback=callback,
+        )
+
+    def a1111_start_latents(self, request: GenerationRequest) -> tuple[torch.Tensor | None, torch.Tensor, A1111Noise]:
+        """A1111's start: the init image's latents (img2img: the VAE posterior's mean for every image, where
+        A1111 samples it from its unseeded global generator), the first draw of its per-image generators
+        (B, C, H/8, W/8), and the noise source that continues them."""
+        model = self.model
+        init_latents = None
+        if request.img2img:
+            pixels = prepare_init_image(request.init_image, request.width, request.height)  # (1, 3, H, W)
+            mean = model.vae.encode(pixels.to(model.device, model.dtype)).mean.float()
+            init_latents = model.latent_format.from_vae(mean).repeat(request.batch, 1, 1, 1)
+        f = model.latent_format.downscale
+        variation = None if request.variation_seed is None else [request.variation_seed + i
+                                                                 for i in range(request.batch)]
+        source = A1111Noise((model.latent_format.channels, request.height // f, request.width // f), request.seeds,
+                            request.rng, subseeds=variation, subseed_strength=request.variation_strength,
+                            seed_resize_from=request.seed_resize_from or (0, 0), ensd=request.ensd,
+                            device=model.device)
+        return init_latents, source.first(), source
+
+    def start_latents(
+        self, request: GenerationRequest, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Where sampling starts: the init image's latents (img2img, else None) and the unit noise,
+        (B, C, H/8, W/8) each. Each generator draws its image's VAE sample before its noise, as
+        diffusers does."""
+        model = self.model
+        init_latents = None
+        if request.img2img:
+            pixels = prepare_init_image(request.init_image, request.width, request.height)  # (1, 3, H, W)
+            if any(isinstance(g, PhiloxGenerator) for g in generators):  # --rng gpu: CUDA's numbers
+                posterior = model.vae.encode(pixels.to(model.device, model.dtype))
+                latents = torch.cat([posterior.mean.float() + posterior.std.float() * g.randn(posterior.mean.shape)
+                                     .to(posterior.mean.device) for g in generators])
+                init_latents = model.latent_format.from_vae(latents).to(model.device)
+            else:
+                init_latents = model.encode_images(pixels, generators)
+        f = model.latent_format.downscale
+        shape = (1, model.latent_format.channels, request.height // f, request.width // f)
+        noise = torch.cat([GeneratorNoise(torch.empty(shape), g)() for g in generators])
+        return init_latents, noise.to(model.device)
+
     def generate(
         self,
-        prompt: str,
+        request: GenerationRequest | str | None = None,
+        /,
         *,
-        negative_prompt: str = "",
-        steps: int = 20,
-        cfg_scale: float | None = None,
-        sampler: str = DEFAULT_SAMPLER,
-        karras: bool = False,
-        seed: int | None = None,
-        width: int | None = None,
-        height: int | None = None,
-        batch: int = 1,
-        init_image: Image.Image | None = None,
-        strength: float = 0.75,
-        eta: float = 0.0,
-        clip_skip: int = 1,
         callback: StepCallback | None = None,
         progress: bool = True,
+        **settings,
     ) -> GenerationResult:
-        """Generate `batch` images; image i uses seed + i. With `init_image`, image-to-image:
-        the init image is resized to width x height, encoded, noised to `strength`, and only the
-        last int(steps * strength) steps run. A size left None is the model's own (text-to-image)
-        or the init image's, rounded down to a multiple of 8 (image-to-image, as diffusers does).
-        `cfg_scale` None is the model's own default (7.5 for SD checkpoints)."""
-        started = time.perf_counter()
-        seed = random.randrange(2**32) if seed is None else seed
-        cfg_scale = self.model.config.default_cfg_scale if cfg_scale is None else cfg_scale
-        check_settings(
-            steps=steps, cfg_scale=cfg_scale, sampler=sampler, karras=karras, seed=seed, batch=batch,
-            strength=strength, img2img=init_image is not None, width=width, height=height,
-        )
-        model, device = self.model, self.model.device
-        init_pixels = None
-        if init_image is not None:
-            init_pixels = prepare_init_image(init_image, width, height)  # (1, 3, H, W)
-            height, width = init_pixels.shape[-2:]
-        width, height = width or model.config.image_size, height or model.config.image_size
-        f = model.config.vae.downscale
-        shape = (1, model.config.unet.in_channels, height // f, width // f)
-        seeds = [seed + i for i in range(batch)]
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        """The Python API's convenience: `generate("a cat", steps=20, seed=7)` builds the request from
+        keywords (`GenerationRequest`'s fields; a request given first is updated by them), shows a
+        progress bar on stderr unless `progress=False`, and runs it."""
+        if isinstance(request, GenerationRequest):
+            request = request.replace(**settings)
+        elif isinstance(request, str):
+            request = GenerationRequest(prompt=request, **settings)
+        else:
+            request = GenerationRequest(**settings)
+        if not progress:
+            return self.run(request, callback)
+        from sdtorch.progress import StepProgress
 
-        context = self.encode_prompt([prompt] * batch, clip_skip)
-        uncond = self.encode_prompt([negative_prompt] * batch, clip_skip) if cfg_scale > 1 else None
-
-        init_latents = None
-        if init_pixels is not None:
-            posterior = model.vae.encode(init_pixels.to(device, model.dtype))
-            # One VAE sample per image from its own generator, before its noise, as diffusers does.
-            init_latents = torch.cat([posterior.sample(g).float().cpu() for g in generators])
-            init_latents = (init_latents * model.config.vae.scaling_factor).to(device)
-        noise = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]).to(device)
-
-        eps_model = guided_eps_model(model, context, uncond, cfg_scale)
-        latents = sample(
-            sampler,
-            eps_model,
-            noise,
-            steps,
-            karras=karras,
-            eta=eta,
-            generator=generators,
-            init_latents=init_latents,
-            strength=strength if init_image is not None else 1.0,
-            callback=callback,
-            progress=progress,
-        )
-        images = to_pil(self.decode(latents))
-        params = [
-            GenerationParams(
-                prompt=prompt,
-                negative_prompt=negative_prompt,
-                steps=steps,
-                sampler=a1111_name(sampler, karras),
-                cfg_scale=cfg_scale,
-                seed=s,
-                width=width,
-                height=height,
-                model_hash=self.model_hash,
-                model=self.model_name,
-                denoising_strength=strength if init_image is not None else None,
-                extra={"Clip skip": str(clip_skip)} if clip_skip != 1 else {},
-            )
-            for s in seeds
-        ]
-        return GenerationResult(images, params, latents, time.perf_counter() - started, seeds)
-
-
-def check_settings(
-    *, steps, cfg_scale, sampler, karras, seed, batch, strength, img2img, width=None, height=None
-) -> None:
-    """Reject what the user can fix, one line each, before any work is done (sizes and CFG scale
-    left None are not checked: the model's own are used)."""
-    for name, value in (("width", width), ("height", height)):
-        if value is not None and (not isinstance(value, int) or value < 8 or value % 8):
-            raise SdtorchError(f"{name} {value} is not accepted; use a multiple of 8 (e.g. 512)")
-    if not isinstance(steps, int) or steps < 1:
-        raise SdtorchError(f"steps must be a whole number of at least 1, got {steps}")
-    if cfg_scale is not None and cfg_scale < 0:
-        raise SdtorchError(f"CFG scale must be 0 or more, got {cfg_scale}")
-    a1111_name(sampler, karras)  # raises for an unknown sampler, or Karras where it does not apply
-    if not isinstance(batch, int) or batch < 1:
-        raise SdtorchError(f"batch must be at least 1, got {batch}")
-    if seed is not None and not 0 <= seed <= MAX_SEED - batch:
-        raise SdtorchError(f"seed must be between 0 and {MAX_SEED - batch}, got {seed}")
-    if img2img and not 0 < strength <= 1:
-        raise SdtorchError(f"strength must be in (0, 1], got {strength}")
-
-
-def guided_eps_model(model: StableDiffusion, context: torch.Tensor, uncond: torch.Tensor | None, scale: float):
-    """The UNet's noise prediction with classifier-free guidance (Ho & Salimans 2022):
-    eps = eps(uncond) + scale * (eps(cond) - eps(uncond)), both halves in one batched UNet call.
-    Without `uncond` (scale <= 1, as diffusers decides) the conditional prediction alone."""
-    unet, dtype = model.unet, model.dtype
-    both = None if uncond is None else torch.cat([uncond, context])
-
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if both is None:
-            return unet(x.to(dtype), t, context).float()
-        eps_uncond, eps_cond = unet(torch.cat([x, x]).to(dtype), t, both).float().chunk(2)
-        return eps_uncond + scale * (eps_cond - eps_uncond)
-
-    return eps_model
+        with StepProgress(request) as bar:
+            return self.run(request, bar.chain(callback))

@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdtorch.errors import SdtorchError
 from sdtorch.images import to_pil
+from sdtorch.samplers import StepEvent
 from sdtorch.vae import AutoencoderKL
 
 
@@ -43,7 +44,7 @@ class LatentPreview:
         latents = vae.encode(pixels.to(param.device, param.dtype)).mean
         decoded = vae.decode(latents).float().cpu()
         target = F.avg_pool2d(decoded, f)  # (N, 3, h, w): the colour each latent pixel decodes to
-        z = latents.float().cpu() * vae.config.scaling_factor
+        z = latents.float().cpu() * vae.config.scaling_factor  # the UNet's scale (shift 0 in SD 1.x)
         a = torch.cat([z, torch.ones_like(z[:, :1])], dim=1).permute(0, 2, 3, 1).reshape(-1, z.shape[1] + 1)
         b = target.permute(0, 2, 3, 1).reshape(-1, 3)
         solution = torch.linalg.lstsq(a.double(), b.double()).solution.float()  # (C+1, 3)
@@ -63,8 +64,9 @@ class StepRecorder:
 
     steps: list[tuple[int, float, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
-    def __call__(self, step: int, total: int, sigma: float, x: torch.Tensor, denoised: torch.Tensor) -> None:
-        self.steps.append((step, sigma, x.detach().float().cpu(), denoised.detach().float().cpu()))
+    def __call__(self, event: StepEvent) -> None:
+        x, denoised = event.x.detach().float().cpu(), event.denoised.detach().float().cpu()
+        self.steps.append((event.step, event.sigma, x, denoised))
 
 
 def save_steps(

@@ -195,7 +195,8 @@ def _read_merges() -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # type: ignore[misc]
 
 
-@functools.lru_cache(maxsize=1)
-def get_tokenizer() -> CLIPTokenizer:
-    """The SD 1.x tokenizer (OpenAI clean-up, EOS padding), loaded once per process."""
-    return CLIPTokenizer()
+@functools.lru_cache(maxsize=4)
+def get_tokenizer(pad_id: int = 49407) -> CLIPTokenizer:
+    """The CLIP tokenizer (OpenAI clean-up), loaded once per process for each padding: EOS (SD 1.x's
+    OpenAI CLIP) or 0 (SD 2.x's OpenCLIP)."""
+    return CLIPTokenizer(pad_id=pad_id)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtorch.config import UNetConfig
-from sdtorch.layers import Downsample, Upsample, attention, group_norm, timestep_embedding
+from sdtorch.layers import AttentionFn, Downsample, Upsample, attention, group_norm, timestep_embedding
 
 
 class ResBlock(nn.Module):
@@ -36,11 +36,13 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of x over itself (context None) or over the text context."""
+    """Multi-head attention of x over itself (context None) or over the text context, through the
+    swappable `attention_fn` (see `sdtorch.layers.swapped_attention`)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.attention_fn: AttentionFn = attention
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(context_dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim, dim, bias=False)
@@ -48,7 +50,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(self.attention_fn(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):
@@ -100,7 +102,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
         self.linear = cfg.use_linear_proj
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, cfg.context_dim, cfg.num_heads) for _ in range(cfg.transformer_depth)
+            BasicTransformerBlock(channels, cfg.context_dim, cfg.heads_at(channels))
+            for _ in range(cfg.transformer_depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import randomise_
+from oracles import randomise_
 from PIL import Image
 
 from sdtorch import cli, pipeline
@@ -19,13 +19,8 @@ from sdtorch.model import StableDiffusion
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = StableDiffusion.random(TINY)
-    for net in model.networks().values():
-        randomise_(net, seed=21)
-    path = tmp_path_factory.mktemp("cli") / "tiny-model.safetensors"
-    save_checkpoint(model, path)
-    return path
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -141,3 +136,38 @@ def test_save_steps_shows_noise_turning_into_the_image(checkpoint, tmp_path):
     assert distance[-1] < 0.05 * distance[0]
     assert all(later < distance[0] for later in distance[1:])
     assert sum(b <= a for a, b in zip(distance, distance[1:])) >= 6
+
+
+def test_a_weighted_prompt_with_a_lora_regenerates_from_its_png(checkpoint, tmp_path):
+    from oracles import kohya_lora
+    from safetensors.torch import save_file
+
+    from sdtorch.loading import load_model
+
+    model = load_model(checkpoint)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    save_file(kohya_lora(model.unet, model.text_encoder, conv=False), str(loras / "style.safetensors"))
+    out = tmp_path / "first.png"
+    run = run_cli("generate", "a (red:1.3) circle, [blue] background <lora:style:0.6>", "--model", checkpoint,
+                  "--loras", loras, "--steps", 4, "--seed", 3, "--width", 32, "--height", 32, "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr
+    params = read_png_parameters(out)
+    assert params.prompt == "a (red:1.3) circle, [blue] background <lora:style:0.6>"
+    assert params.extra["Lora hashes"].startswith("style: ")
+    again = tmp_path / "again.png"
+    run = run_cli("generate", "--from-png", out, "--model", checkpoint, "--loras", loras, "--out", again, "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert again.read_bytes() == out.read_bytes()
+
+    # --lora FILE:WEIGHT is the same as writing the tag
+    by_file = tmp_path / "by-file.png"
+    run = run_cli("generate", "a (red:1.3) circle, [blue] background", "--model", checkpoint,
+                  "--lora", f"{loras / 'style.safetensors'}:0.6", "--steps", 4, "--seed", 3, "--width", 32,
+                  "--height", 32, "--out", by_file, "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert np.array_equal(np.asarray(Image.open(by_file)), np.asarray(Image.open(out)))
+
+    run = run_cli("generate", "a cat <lora:nothing:1>", "--model", checkpoint, "--loras", loras, "--steps", 2,
+                  "--out", tmp_path / "x.png", "--quiet")
+    assert run.returncode == 2 and "no LoRA named 'nothing'" in run.stderr and "Traceback" not in run.stderr

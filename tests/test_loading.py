@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
+from oracles import (
     SD15_YAML,
     make_diffusers_folder,
     max_rel_error,
@@ -244,7 +244,7 @@ def test_mismatched_tensors_name_the_first_offenders(tmp_path, tiny_model):
     "names, family",
     [
         (["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"], "SDXL"),
-        (["cond_stage_model.model.token_embedding.weight", "model.diffusion_model.input_blocks.0.0.weight"], "2.x"),
+        (["control_model.input_blocks.0.0.weight"], "ControlNet"),  # SD 2.x is loaded now: tests/test_sd2.py
         (["down_blocks.0.resnets.0.conv1.weight"], "diffusers-format UNet"),
         (["some.other.weight"], "not a Stable Diffusion checkpoint"),
     ],
@@ -257,13 +257,13 @@ def test_unsupported_architectures_are_named(tmp_path, names, family):
 
 def test_bad_file_fails_before_reading_any_weight(tmp_path, tiny_model, monkeypatch):
     """Every name and shape is checked first: a misfit fails fast and leaves no half-loaded model."""
-    from sdtorch import loading
+    from sdtorch.loading import build
 
     state = tiny_model.state_dict()
     state["model.diffusion_model.out.2.weight"] = torch.zeros(3, 32, 3, 3)
     save_file(state, str(tmp_path / "bad.safetensors"), metadata={"sdtorch.config": json.dumps(TINY.to_dict())})
     reads = []
-    monkeypatch.setattr(loading, "_read_weights", lambda *args: reads.append(args))
+    monkeypatch.setattr(build, "_read_weights", lambda *args: reads.append(args))
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "bad.safetensors")
     assert reads == []

@@ -18,7 +18,7 @@ from sdtorch.metadata import (
     sampler_from_a1111,
     write_png,
 )
-from sdtorch.samplers import SAMPLERS, a1111_name
+from sdtorch.samplers import SAMPLERS, SCHEDULE_TYPES, a1111_name
 
 
 def params(**changes):
@@ -173,8 +173,9 @@ def test_parse_multiline_prompt_lora_hashes_and_extras():
         "Lora hashes": "add_detail: 7c6bad76eb54, more_details: 3b8aa1d351ef",
         "TI hashes": "easynegative: c74b4e810b03", "Version": "v1.7.0",
     }
-    assert format_parameters(p) == A1111_V17_LORA
-    assert sampler_from_a1111(p.sampler) == ("dpmpp_2m", True)
+    # Written back in A1111 1.9's form, the schedule apart from the sampler (issue 10); all else byte for byte.
+    assert format_parameters(p) == A1111_V17_LORA.replace("DPM++ 2M Karras", "DPM++ 2M, Schedule type: Karras")
+    assert sampler_from_a1111(p.sampler) == ("dpmpp_2m", "karras")
 
 
 def test_parse_schedule_type_is_folded_into_the_sampler():
@@ -257,12 +258,12 @@ def test_parse_bad_numbers(line, message):
 
 def test_sampler_table_round_trips():
     for ours, info in SAMPLERS.items():
-        assert sampler_from_a1111(a1111_name(ours, karras=False)) == (ours, False)
-        if info.supports_karras:
-            assert sampler_from_a1111(a1111_name(ours, karras=True)) == (ours, True)
-    assert sampler_from_a1111("  dpm++ 2m   karras ") == ("dpmpp_2m", True)
-    assert sampler_from_a1111("PLMS") == ("pndm", False)
-    assert sampler_from_a1111("Euler a") == ("euler_a", False)
+        for schedule in info.schedules:
+            assert sampler_from_a1111(a1111_name(ours, schedule)) == (ours, schedule)
+    assert sampler_from_a1111("  dpm++ 2m   karras ") == ("dpmpp_2m", "karras")
+    assert sampler_from_a1111("PLMS") == ("pndm", "uniform")
+    assert sampler_from_a1111("Euler a") == ("euler_a", "uniform")
+    assert set(SCHEDULE_TYPES) == {s for info in SAMPLERS.values() for s in info.schedules}
 
 
 def test_unknown_sampler_lists_known_ones():
@@ -271,7 +272,7 @@ def test_unknown_sampler_lists_known_ones():
     with pytest.raises(SdtorchError, match="'Exponential' noise schedule"):
         sampler_from_a1111("DPM++ 2M SDE Exponential")
     with pytest.raises(SdtorchError, match="unknown sampler 'nope'"):
-        a1111_name("nope", karras=False)
+        a1111_name("nope")
 
 
 # ------------------------------------------------------------------------------------- PNGs

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from oracles import (
     diffusers_unet_kwargs,
     diffusers_vae_kwargs,
     max_rel_error,

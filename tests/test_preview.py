@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from conftest import randomise_
+from oracles import randomise_
 
 from sdtorch.config import SD15, TINY
 from sdtorch.preview import LatentPreview

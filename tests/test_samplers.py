@@ -10,10 +10,13 @@ import json
 import diffusers
 import pytest
 import torch
-from conftest import SCHEDULER_CONFIG
+from oracles import SCHEDULER_CONFIG
 
+from sdtorch.diffusion import Denoiser, NoiseSchedule
 from sdtorch.errors import SdtorchError
-from sdtorch.samplers import SAMPLERS, a1111_name, sample
+from sdtorch.progress import StepProgress
+from sdtorch.request import GenerationRequest
+from sdtorch.samplers import SAMPLERS, GeneratorNoise, a1111_name, sample
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 CONFIG = json.loads(SCHEDULER_CONFIG.read_text())
@@ -109,22 +112,25 @@ def generators(seed):
     return torch.Generator().manual_seed(seed)
 
 
+SD_SCHEDULE = NoiseSchedule.from_betas(CONFIG["beta_start"], CONFIG["beta_end"], CONFIG["num_train_timesteps"])
+
+
+def run(name, noise, steps, *, seed=None, callback=None, **kw):
+    """Our sampler over the toy model, its per-step noise from the seeded generator(s)."""
+    return sample(
+        name, Denoiser(toy_eps, SD_SCHEDULE), noise, steps, noise_source=GeneratorNoise(noise, generators(seed)),
+        callback=callback, **kw,
+    )
+
+
 def ours(
     name, noise, steps, *, karras=False, eta=0.0, seed=None, init_latents=None, strength=1.0, callback=None
 ):
-    generator = generators(seed)
-    return sample(
-        name,
-        toy_eps,
-        noise,
-        steps,
-        karras=karras,
-        eta=eta,
-        generator=generator,
-        init_latents=init_latents,
-        strength=strength,
-        callback=callback,
-        progress=False,
+    """`run` with the step events unpacked as (step, total, sigma, x, denoised) for the checks below."""
+    unpack = None if callback is None else (lambda e: callback(e.step, e.total, e.sigma, e.x, e.denoised))
+    return run(
+        name, noise, steps, schedule="karras" if karras else "uniform", eta=eta, seed=seed,
+        init_latents=init_latents, strength=strength, callback=unpack,
     )
 
 
@@ -258,41 +264,47 @@ def test_callback_img2img_counts_steps_run():
     assert [(c[0], c[1]) for c in calls] == [(i, 6) for i in range(6)]
 
 
-def test_progress_bar_runs():
-    out = sample("heun", toy_eps, noise_for(), 2, progress=True)
+def test_progress_bar_runs(capsys):
+    with StepProgress(GenerationRequest(sampler="heun")) as bar:
+        out = run("heun", noise_for(), 2, callback=bar.chain(None))
     assert out.shape == SHAPE
+    assert "Heun" in capsys.readouterr().err and bar.bar.n == 2  # the bar is drawn by the caller
 
 
 def test_unknown_sampler_lists_valid_names():
     with pytest.raises(SdtorchError, match="dpmpp_2m_sde") as err:
-        sample("k_euler", toy_eps, noise_for(), 5, progress=False)
+        run("k_euler", noise_for(), 5)
     assert all(name in str(err.value) for name in SAMPLERS)
 
 
 def test_karras_on_ddim_is_refused():
     with pytest.raises(SdtorchError, match="euler") as err:
-        sample("ddim", toy_eps, noise_for(), 5, karras=True, progress=False)
+        run("ddim", noise_for(), 5, schedule="karras")
     assert all(n in str(err.value) for n, info in SAMPLERS.items() if info.supports_karras)
     with pytest.raises(SdtorchError):
-        a1111_name("euler_a", karras=True)
+        a1111_name("euler_a", "karras")
 
 
 def test_bad_arguments_are_refused():
     with pytest.raises(SdtorchError, match="eta"):
-        sample("euler", toy_eps, noise_for(), 5, eta=0.5, progress=False)
+        run("euler", noise_for(), 5, eta=0.5)
     with pytest.raises(SdtorchError, match="strength"):
-        sample("euler", toy_eps, noise_for(), 5, init_latents=noise_for(), strength=0.1, progress=False)
+        run("euler", noise_for(), 5, init_latents=noise_for(), strength=0.1)
     with pytest.raises(SdtorchError, match="strength"):
-        sample("euler", toy_eps, noise_for(), 5, init_latents=noise_for(), strength=1.5, progress=False)
+        run("euler", noise_for(), 5, init_latents=noise_for(), strength=1.5)
     with pytest.raises(SdtorchError, match="steps"):
-        sample("euler", toy_eps, noise_for(), 0, progress=False)
+        run("euler", noise_for(), 0)
+    with pytest.raises(SdtorchError, match="unknown schedule type 'kerras'; accepted: uniform, karras"):
+        run("euler", noise_for(), 5, schedule="kerras")
 
 
 def test_a1111_names():
-    assert a1111_name("dpmpp_2m", karras=True) == "DPM++ 2M Karras"
-    assert a1111_name("euler_a", karras=False) == "Euler a"
-    assert a1111_name("dpmpp_2m_sde", karras=True) == "DPM++ 2M SDE Karras"
-    assert a1111_name("pndm", karras=False) == "PLMS"
+    assert a1111_name("dpmpp_2m", "karras") == "DPM++ 2M Karras"
+    assert a1111_name("euler_a") == "Euler a"
+    assert a1111_name("dpmpp_2m_sde", "karras") == "DPM++ 2M SDE Karras"
+    assert a1111_name("pndm") == "PLMS"
+    assert a1111_name("dpmpp_2m", "automatic") == "DPM++ 2M Karras"  # A1111's default for it
+    assert a1111_name("euler", "automatic") == "Euler"
     assert [i.display_name for i in SAMPLERS.values()] == [
         "DDIM",
         "PLMS",

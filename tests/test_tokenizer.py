@@ -15,7 +15,7 @@ import ftfy
 import pytest
 import regex
 import torch
-from conftest import write_clip_vocab
+from oracles import write_clip_vocab
 
 from sdtorch.errors import SdtorchError
 from sdtorch.tokenizer import CLIPTokenizer, get_tokenizer

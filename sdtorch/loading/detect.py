@@ -8,27 +8,19 @@ SD 1.x convention.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 from sdtorch.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 from sdtorch.errors import CheckpointError
+from sdtorch.families import SD1, SD2, UNSUPPORTED
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-TEXT = "cond_stage_model.transformer.text_model."
+UNET = SD1.prefixes["unet"]
+VAE = SD1.prefixes["vae"]
+TEXT = SD1.prefixes["text_encoder"]
 CONFIG_METADATA_KEY = "sdtorch.config"
-
-# Families we recognise but do not run, by a tensor name only they have.
-UNSUPPORTED = [
-    ("conditioner.embedders.", "SDXL"),
-    ("cond_stage_model.model.", "Stable Diffusion 2.x (OpenCLIP text encoder)"),
-    ("model.diffusion_model.label_emb.", "a class-conditioned UNet (SDXL or unCLIP)"),
-    ("control_model.", "a ControlNet"),
-    ("down_blocks.0.resnets.0.conv1.weight", "a diffusers-format UNet file (point at the whole diffusers folder)"),
-    ("lora_unet_", "a LoRA (not a full model)"),
-]
 
 
 def normalise_names(names: list[str]) -> dict[str, str]:
@@ -43,8 +35,11 @@ def normalise_names(names: list[str]) -> dict[str, str]:
     return out
 
 
-def detect_config(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> ModelConfig:
-    """ModelConfig of an SD 1.x-family checkpoint, or a CheckpointError naming what it is instead."""
+def detect_config(
+    shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path, openclip: bool = False
+) -> ModelConfig:
+    """ModelConfig of an SD 1.x or 2.x checkpoint (2.x: `openclip`, its text tower translated to our
+    names), or a CheckpointError naming what it is instead."""
     if CONFIG_METADATA_KEY in metadata:
         try:
             return ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
@@ -52,14 +47,22 @@ def detect_config(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], 
             raise CheckpointError(f"{path}: its '{CONFIG_METADATA_KEY}' metadata is unreadable: {e}") from None
     for marker, family in UNSUPPORTED:
         if any(name.startswith(marker) for name in shapes):
-            raise CheckpointError(f"{path}: this is {family}, which sdtorch does not load; it runs SD 1.x models")
+            raise CheckpointError(f"{path}: this is {family}, which sdtorch does not load; it runs SD 1.x and 2.x")
     if UNET + "input_blocks.0.0.weight" not in shapes:
         sample = ", ".join(sorted(shapes)[:3]) or "none"
         raise CheckpointError(
             f"{path}: not a Stable Diffusion checkpoint: no '{UNET}*' tensors (first names: {sample})"
         )
     try:
-        return ModelConfig(text=_text_config(shapes), unet=_unet_config(shapes), vae=_vae_config(shapes))
+        if openclip:
+            family = SD2
+            text = dataclasses.replace(_text_config(shapes), activation="gelu")
+            unet = dataclasses.replace(_unet_config(shapes), head_dim=64)  # SD 2.x: 64-wide heads at every level
+        else:
+            family, text, unet = SD1, _text_config(shapes), _unet_config(shapes)
+        return ModelConfig(family=family.name, text=text, unet=unet, vae=_vae_config(shapes),
+                           prediction_type=family.prediction_type, image_size=family.image_size,
+                           default_cfg_scale=family.cfg_scale)
     except KeyError as e:
         raise CheckpointError(f"{path}: incomplete checkpoint: missing tensor {e}") from None
 
@@ -93,8 +96,7 @@ def _unet_config(shapes) -> UNetConfig:
         channel_mult=tuple(level[0] // ch for level in levels),
         num_res_blocks=len(levels[0]),
         attention_levels=tuple(sorted(attention_levels)),
-        # SD 1.x fixes 8 heads; SD 2.x's 64-wide heads would need context 1024, refused above.
-        num_heads=8,
+        num_heads=8,  # SD 1.x fixes 8 heads (SD 2.x: head_dim, set by the caller)
         transformer_depth=depth,
         context_dim=context_dim,
         use_linear_proj=len(proj_in) == 2,

@@ -40,11 +40,15 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
     channels = list(cfg["block_out_channels"])
     down = list(cfg.get("down_block_types", []))
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' legacy naming
-    heads = set(heads) if isinstance(heads, list) else {heads}
+    per_level = list(heads) if isinstance(heads, list) else [heads] * len(channels)
+    # One head count everywhere (SD 1.x), or one head width everywhere (SD 2.x: 5, 10, 20, 20 heads of 64).
+    widths = {c // h for c, h in zip(channels, per_level)}
+    heads = set(per_level)
+    head_dim = widths.pop() if len(heads) != 1 and len(widths) == 1 else None
     depth = cfg.get("transformer_layers_per_block", 1)
     depth = set(depth) if isinstance(depth, list) else {depth}
     unsupported = {
-        "per-level head counts": len(heads) != 1,
+        "per-level head counts of varying width": len(heads) != 1 and head_dim is None,
         "per-level transformer depths": len(depth) != 1,
         "class or added conditioning": bool(cfg.get("class_embed_type") or cfg.get("addition_embed_type")),
         "a non-standard time embedding": not cfg.get("flip_sin_to_cos", True) or cfg.get("freq_shift", 0) != 0,
@@ -60,7 +64,8 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
         channel_mult=tuple(c // channels[0] for c in channels),
         num_res_blocks=cfg.get("layers_per_block", 2),
         attention_levels=tuple(i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"),
-        num_heads=heads.pop(),
+        num_heads=per_level[0],
+        head_dim=head_dim,
         transformer_depth=depth.pop(),
         context_dim=cfg.get("cross_attention_dim", 768),
         use_linear_proj=cfg.get("use_linear_projection", False),

@@ -1,8 +1,9 @@
 """Samplers in k-diffusion's VE space: x = x0 + sigma * eps, driven by a denoiser D(x, sigma) -> x0.
 
-Each is a stateless loop over a descending sigma grid ending at 0 (Karras et al. 2022 notation).
-`callback(i, sigma, x, denoised)` runs after step i with the new x (VE) at its noise level sigma and
-the denoised estimate that step used.
+Each is a stateless loop over a descending sigma grid ending at 0 (Karras et al. 2022 notation), with
+k-diffusion's arguments: `model(x, sigma)` the denoiser, `noise(sigma, sigma_next)` fresh standard
+normal noise (stochastic methods only), `callback(i, sigma, x, denoised)` after step i with the new x
+(VE) at its noise level sigma and the denoised estimate that step used.
 """
 
 from __future__ import annotations
@@ -12,35 +13,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .schedules import SigmaSchedule, lms_coefficient
+from .noise import NoiseSource
+from .schedules import lms_coefficient
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x, sigma) -> denoised x0
-Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per item
-
-
-class Denoiser:
-    """D(x, sigma) = x - sigma * eps(x / sqrt(sigma^2 + 1), t(sigma)): an eps-prediction UNet as a VE
-    denoiser (Karras et al. 2022, Table 1, VP column)."""
-
-    def __init__(self, eps_model: Callable[[Tensor, Tensor], Tensor], schedule: SigmaSchedule):
-        self.eps_model = eps_model
-        self.schedule = schedule
-
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        t = self.schedule.timestep(sigma).to(x.device)
-        eps = self.eps_model(x / (sigma**2 + 1) ** 0.5, t).to(x.dtype)
-        return x - sigma * eps
-
-
-def randn_like(x: Tensor, generator: Generators) -> Tensor:
-    """Standard normal noise shaped like x, drawn as diffusers' randn_tensor: on the generator's device, then
-    moved; given a list of generators, batch item i comes from generator i."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
-    device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+Callback = Callable[[int, Tensor, Tensor, Tensor], None]
 
 
 def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
@@ -48,12 +25,8 @@ def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
     return (x - denoised) / sigma
 
 
-def _no_callback(*args) -> None:
-    pass
-
-
 @torch.no_grad()
-def sample_euler(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
+def sample_euler(model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -64,7 +37,7 @@ def sample_euler(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback)
 
 @torch.no_grad()
 def sample_euler_ancestral(
-    model: Model, x: Tensor, sigmas: Tensor, generator: Generators = None, callback=_no_callback
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback
 ) -> Tensor:
     """Ancestral Euler: an Euler step down to sigma_down, then fresh noise up to sigma_next (k-diffusion, eta=1)."""
     for i in range(len(sigmas) - 1):
@@ -73,13 +46,13 @@ def sample_euler_ancestral(
         sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
-        x = x + randn_like(x, generator) * sigma_up  # drawn on the last step too, as diffusers does
+        x = x + noise(sigma, sigma_next) * sigma_up  # drawn on the last step too, as diffusers does
         callback(i, sigma_next, x, denoised)
     return x
 
 
 @torch.no_grad()
-def sample_heun(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
+def sample_heun(model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); a plain Euler step onto sigma = 0."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -96,7 +69,7 @@ def sample_heun(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) 
 
 
 @torch.no_grad()
-def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
+def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback) -> Tensor:
     """DPM-Solver-2 as k-diffusion's sample_dpm_2: the slope at the log-space midpoint sigma
     (Lu et al. 2022 / Karras et al. 2022)."""
     for i in range(len(sigmas) - 1):
@@ -116,7 +89,7 @@ def sample_dpm_2(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback)
 
 @torch.no_grad()
 def sample_lms(
-    model: Model, x: Tensor, sigmas: Tensor, order: int = 4, start: int = 0, callback=_no_callback
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback, order: int = 4, start: int = 0
 ) -> Tensor:
     """Linear multistep over sigma (k-diffusion's sample_lms, after Karras et al. 2022).
 
@@ -140,7 +113,7 @@ def _lambda(sigma: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callback) -> Tensor:
+def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback) -> Tensor:
     """DPM-Solver++(2M), multistep 2nd order in x0-prediction (Lu et al. 2022, Algorithm 2); first and
     last steps 1st order."""
     old_denoised = None
@@ -162,15 +135,13 @@ def sample_dpmpp_2m(model: Model, x: Tensor, sigmas: Tensor, callback=_no_callba
 
 
 @torch.no_grad()
-def sample_dpmpp_2m_sde(
-    model: Model, x: Tensor, sigmas: Tensor, generator: Generators = None, callback=_no_callback
-) -> Tensor:
+def sample_dpmpp_2m_sde(model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback) -> Tensor:
     """SDE-DPM-Solver++(2M), midpoint form, eta = 1 (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde)."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
-        noise = randn_like(x, generator)  # drawn every step, the last included, as diffusers does
+        fresh = noise(sigma, sigma_next)  # drawn every step, the last included, as diffusers does
         if sigma_next == 0:
             x = denoised
         else:
@@ -179,7 +150,7 @@ def sample_dpmpp_2m_sde(
             if old_denoised is not None:
                 r = (_lambda(sigma) - _lambda(sigmas[i - 1])) / h
                 x = x - 0.5 * torch.expm1(-2 * h) / r * (denoised - old_denoised)
-            x = x + sigma_next * (-torch.expm1(-2 * h)).sqrt() * noise
+            x = x + sigma_next * (-torch.expm1(-2 * h)).sqrt() * fresh
         old_denoised = denoised
         callback(i, sigma_next, x, denoised)
     return x
@@ -228,7 +199,9 @@ def _unipc_update(
 
 
 @torch.no_grad()
-def sample_unipc(model: Model, x: Tensor, sigmas: Tensor, order: int = 2, callback=_no_callback) -> Tensor:
+def sample_unipc(
+    model: Model, x: Tensor, sigmas: Tensor, *, noise: NoiseSource, callback: Callback, order: int = 2
+) -> Tensor:
     """UniPC-bh2: multistep predictor UniP plus corrector UniC reusing each new model call (Zhao et al. 2023)."""
     n = len(sigmas) - 1
     denoised: list[Tensor] = []

@@ -1,36 +1,28 @@
 """Samplers of the DDPM family, in VP space over integer timesteps: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
 
-Each takes the UNet as eps(x, t), a descending list of timesteps and the alpha-bar table; after
-the last timestep the chain lands on `final_alpha` (abar of the level it ends at).
-`callback(i, sigma, x, denoised)` runs after step i with the new x (VP) at VE noise level sigma.
+The same arguments as the sigma samplers, in their own space: `model` is the `Denoiser` (its `eps(x, t)`
+and its schedule's alpha-bar table), the grid is a descending list of integer timesteps, and after the
+last one the chain lands on `final_alpha` (abar of the level it ends at). `noise(sigma, sigma_next)`
+gives fresh noise; `callback(i, sigma, x, denoised)` runs after step i with the new x (VP) at VE noise
+level sigma.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from sdtorch.diffusion import Denoiser
+
+from .noise import NoiseSource
 from .schedules import vp_sigma
-from .sigma_samplers import Generators, randn_like
-
-EpsModel = Callable[[Tensor, Tensor], Tensor]  # (x, t) -> eps
-
-
-def _no_callback(*args) -> None:
-    pass
+from .sigma_samplers import Callback
 
 
 def _alphas(timesteps: Tensor, alphas_cumprod: Tensor, final_alpha: Tensor) -> tuple[Tensor, Tensor]:
     """abar at each timestep, and at the level each step goes to (the next timestep, or final_alpha)."""
     a = alphas_cumprod[timesteps]
     return a, torch.cat([a[1:], final_alpha.reshape(1)])
-
-
-def _eps(eps_model: EpsModel, x: Tensor, t: Tensor) -> Tensor:
-    """The model's eps at (x, t), t a 0-dim fp32 tensor on x's device."""
-    return eps_model(x, t.to(x.device, torch.float32)).to(x.dtype)
 
 
 def _x0(x: Tensor, eps: Tensor, a: Tensor) -> Tensor:
@@ -40,24 +32,24 @@ def _x0(x: Tensor, eps: Tensor, a: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_ddim(
-    eps_model: EpsModel,
+    model: Denoiser,
     x: Tensor,
     timesteps: Tensor,
-    alphas_cumprod: Tensor,
+    *,
+    noise: NoiseSource,
+    callback: Callback,
     final_alpha: Tensor,
     eta: float = 0.0,
-    generator: Generators = None,
-    callback=_no_callback,
 ) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12): deterministic at eta = 0, DDPM-like noise as eta -> 1."""
-    alphas, alphas_next = _alphas(timesteps, alphas_cumprod, final_alpha)
+    alphas, alphas_next = _alphas(timesteps, model.schedule.alphas_cumprod, final_alpha)
     for i, (t, a, a_next) in enumerate(zip(timesteps, alphas, alphas_next)):
-        eps = _eps(eps_model, x, t)
+        eps = model.eps(x, t)
         x0 = _x0(x, eps, a)
         std = eta * ((1 - a_next) / (1 - a) * (1 - a / a_next)) ** 0.5  # eq. 16
         x = a_next**0.5 * x0 + (1 - a_next - std**2) ** 0.5 * eps
         if eta > 0:
-            x = x + std * randn_like(x, generator)
+            x = x + std * noise(vp_sigma(a), vp_sigma(a_next))
         callback(i, vp_sigma(a_next), x, x0)
     return x
 
@@ -70,13 +62,14 @@ def _pndm_transfer(x: Tensor, eps: Tensor, a: Tensor, a_next: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_plms(
-    eps_model: EpsModel,
+    model: Denoiser,
     x: Tensor,
     timesteps: Tensor,
-    stride: int,
-    alphas_cumprod: Tensor,
+    *,
+    noise: NoiseSource,
+    callback: Callback,
     final_alpha: Tensor,
-    callback=_no_callback,
+    stride: int,
 ) -> Tensor:
     """PLMS: pseudo linear multistep, 4th-order Adams-Bashforth on eps (Liu et al. 2022, PNDM, eq. 12).
 
@@ -86,13 +79,15 @@ def sample_plms(
     (t_0, t_1, t_1, t_2, ...); img2img runs a slice of that grid with the same rule, as diffusers does.
     """
 
+    alphas_cumprod = model.schedule.alphas_cumprod
+
     def alpha(t: Tensor) -> Tensor:
         return alphas_cumprod[t] if t >= 0 else final_alpha
 
     ets: list[Tensor] = []
     x_start = x
     for i, t in enumerate(timesteps):
-        eps = _eps(eps_model, x, t)
+        eps = model.eps(x, t)
         x0 = _x0(x, eps, alpha(t))
         t_from, t_to = (t + stride, t) if i == 1 else (t, t - stride)
         if i == 0:
@@ -115,24 +110,18 @@ def sample_plms(
 
 @torch.no_grad()
 def sample_ddpm(
-    eps_model: EpsModel,
-    x: Tensor,
-    timesteps: Tensor,
-    alphas_cumprod: Tensor,
-    final_alpha: Tensor,
-    generator: Generators = None,
-    callback=_no_callback,
+    model: Denoiser, x: Tensor, timesteps: Tensor, *, noise: NoiseSource, callback: Callback, final_alpha: Tensor
 ) -> Tensor:
     """Ancestral sampling from the posterior q(x_t-1 | x_t, x0) with variance beta-tilde (Ho et al. 2020, eqs. 6-7)."""
-    alphas, alphas_next = _alphas(timesteps, alphas_cumprod, final_alpha)
+    alphas, alphas_next = _alphas(timesteps, model.schedule.alphas_cumprod, final_alpha)
     for i, (t, a, a_next) in enumerate(zip(timesteps, alphas, alphas_next)):
-        eps = _eps(eps_model, x, t)
+        eps = model.eps(x, t)
         x0 = _x0(x, eps, a)
         beta = 1 - a / a_next  # beta of the whole stride t -> t_next
         mean = a_next**0.5 * beta / (1 - a) * x0 + (1 - beta) ** 0.5 * (1 - a_next) / (1 - a) * x
         var = ((1 - a_next) / (1 - a) * beta).clamp(min=1e-20)
         x = mean
         if t > 0:
-            x = x + var**0.5 * randn_like(x, generator)
+            x = x + var**0.5 * noise(vp_sigma(a), vp_sigma(a_next))
         callback(i, vp_sigma(a_next), x, x0)
     return x

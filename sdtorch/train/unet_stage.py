@@ -2,8 +2,8 @@
 conditioned on the frozen CLIP text encoder's per-token states.
 
 - DDPM (Ho et al. 2020): x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with t uniform over SD's
-  1000-step scaled-linear schedule (`sdtorch.samplers.schedules.ALPHAS_CUMPROD`, the table the
-  samplers use), and the UNet trained to predict eps. The squared error is weighted by
+  1000-step scaled-linear schedule (`NoiseSchedule.from_betas()`, the table a model with SD's
+  schedule config samples on), and the UNet trained to predict eps. The squared error is weighted by
   min(SNR, gamma) / SNR (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"),
   which lets a short run spend less effort on nearly clean latents.
 - Classifier-free guidance (Ho & Salimans 2022): a fraction of captions is replaced by the empty
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sdtorch.clip import CLIPTextModel
-from sdtorch.samplers.schedules import ALPHAS_CUMPROD
+from sdtorch.diffusion import NoiseSchedule
 from sdtorch.train.common import (
     EMA,
     Clock,
@@ -57,6 +57,9 @@ def training_noise(shape: tuple[int, ...], generator: torch.Generator, offset: f
     if offset > 0:
         noise = noise + offset * torch.randn((b, c, 1, 1), generator=generator)
     return noise
+
+
+ALPHAS_CUMPROD = NoiseSchedule.from_betas().alphas_cumprod  # (1000,) SD's schedule, which the recipe's config keeps
 
 
 def diffusion_loss(unet: UNet, latents: torch.Tensor, context: torch.Tensor, generator: torch.Generator,

@@ -1,0 +1,56 @@
+"""Wrappers over the UNet that decide what the samplers' denoiser sees: classifier-free guidance.
+
+`guided_model` returns the model function (x_vp, t) -> raw UNet output (eps or v) that
+`sdtorch.diffusion.Denoiser` wraps. Guidance combines raw outputs; since eps, v and the denoised
+estimate are affine in the output for a fixed x, guiding any of them gives the same result.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sdtorch.conditioning import Conditioning
+from sdtorch.diffusion import ModelFn
+from sdtorch.unet import UNet
+
+
+def guided_model(
+    unet: UNet, cond: Conditioning, uncond: Conditioning | None, scale: float, batch: int
+) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022) over composable parts (Liu et al. 2022):
+    out = out(uncond) + scale * sum_i w_i * (out(part_i) - out(uncond)), every pass of a call in one
+    batched UNet call. Without `uncond` (scale <= 1, as diffusers decides) the conditional prediction
+    alone (the weighted sum of the parts).
+
+    The conditioning may change over the steps (prompt editing); the step is counted in model calls
+    from 1, as A1111's CFGDenoiser counts it.
+    """
+    dtype = next(unet.parameters()).dtype
+    calls = 0
+    batched: dict[tuple[int, ...], Tensor] = {}  # the (n * B, T, width) context of each combination
+
+    def context_for(contexts: list[Tensor]) -> Tensor:
+        key = tuple(id(c) for c in contexts)
+        if key not in batched:
+            batched[key] = torch.cat([c.repeat(batch, 1, 1) for c in contexts])
+        return batched[key]
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        parts = cond.at(calls)
+        contexts = ([uncond.at(calls)[0][1]] if uncond is not None else []) + [c for _, c in parts]
+        n = len(contexts)
+        out = unet(torch.cat([x] * n).to(dtype) if n > 1 else x.to(dtype), t, context_for(contexts)).float()
+        outs = out.chunk(n)
+        if uncond is None:
+            if len(parts) == 1 and parts[0][0] == 1.0:
+                return outs[0]
+            return sum(w * o for (w, _), o in zip(parts, outs))
+        out_uncond, conds = outs[0], outs[1:]
+        deltas = [(o - out_uncond) if w == 1.0 else w * (o - out_uncond) for (w, _), o in zip(parts, conds)]
+        delta = deltas[0] if len(deltas) == 1 else sum(deltas)
+        return out_uncond + scale * delta
+
+    return model
