@@ -1,0 +1,460 @@
+"""AUTOMATIC1111's /sdapi/v1 JSON <-> `GenerationRequest`, and its response shapes.
+
+Requests are pydantic models with A1111's fields and defaults (those of its processing classes and
+API models, v1.9/1.10): every field optional and nullable, unknown fields ignored, numbers coerced
+as pydantic does (20.0 and "20" are 20; 20.5 is a 422). Fields sdtorch cannot honour yet (hires
+fix, face restoration, scripts, subseeds, ...) are accepted and listed under "sdtorch.ignored" in
+`info`, so a client is never silently misled about what it got.
+
+Sampler names follow A1111's `get_sampler_and_scheduler`: `sampler_name` (or the legacy
+`sampler_index`) is a display name ("DPM++ 2M"), an alias ("k_dpmpp_2m") or ours ("dpmpp_2m"), and
+a trailing schedule label ("DPM++ 2M Karras") wins over `scheduler`, which takes a name or a label.
+Where A1111 silently falls back to its first sampler for an unknown name, we answer 400 and list
+the valid ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+import sdtorch
+from sdtorch.errors import SdtorchError
+from sdtorch.metadata import parse_parameters
+from sdtorch.request import GenerationRequest
+from sdtorch.samplers import SAMPLERS
+from sdtorch.samplers.schedule_types import A1111_SAMPLERS
+from sdtorch.samplers.schedule_types import SCHEDULE_TYPES as A1111_SCHEDULE_TYPES
+
+from .imagedata import image_from_base64, resize_for
+
+VERSION = f"sdtorch {sdtorch.__version__}"
+DEFAULT_SAMPLER = "Euler"  # A1111's API default (sampler_index)
+MAX_IMAGES = 100  # batch_size x n_iter of one request
+
+
+class ApiError(Exception):
+    """An HTTP error in A1111's envelope: {"error", "detail", "body", "errors"}."""
+
+    def __init__(self, status: int, detail: str, *, headers: dict | None = None, error: str = "HTTPException"):
+        super().__init__(detail)
+        self.status, self.detail, self.headers, self.error = status, detail, headers or {}, error
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+
+
+class _Common(BaseModel):
+    """StableDiffusionProcessing's fields, as A1111's API model makes them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str | None = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int | None = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    scheduler: str | None = None
+    batch_size: int | None = 1
+    n_iter: int | None = 1
+    steps: int | None = 50
+    cfg_scale: float | None = 7.0
+    width: int | None = 512
+    height: int | None = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool | None = False
+    do_not_save_grid: bool | None = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = False
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    sampler_index: str | None = DEFAULT_SAMPLER
+    script_name: str | None = None
+    script_args: list[Any] | None = []
+    send_images: bool | None = True
+    save_images: bool | None = False
+    alwayson_scripts: dict[str, Any] | None = {}
+    infotext: str | None = None
+    clip_skip: int | None = None  # SD.Next's field; A1111 takes it from override_settings
+
+    @field_validator("seed", "subseed", mode="before")
+    @classmethod
+    def _empty_seed(cls, value):
+        return -1 if value == "" else value
+
+
+class Txt2ImgRequest(_Common):
+    denoising_strength: float | None = 0.75
+    enable_hr: bool | None = False
+    firstphase_width: int | None = 0
+    firstphase_height: int | None = 0
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = 0
+    hr_resize_x: int | None = 0
+    hr_resize_y: int | None = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = ""
+    hr_negative_prompt: str | None = ""
+    firstpass_image: str | None = None
+
+
+class Img2ImgRequest(_Common):
+    init_images: list[str] | None = None
+    resize_mode: int | None = 0
+    denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = None
+    mask_blur_x: int | None = 4
+    mask_blur_y: int | None = 4
+    mask_blur: int | None = None
+    mask_round: bool | None = True
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool | None = False
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler names
+
+
+def _sampler_table() -> dict[str, str]:
+    table = {}
+    for ours, entry in SAMPLERS.items():
+        a1111 = A1111_SAMPLERS.get(entry.display_name)
+        for name in (ours, entry.display_name, *(a1111.aliases if a1111 else ())):
+            table[name.lower()] = ours
+    return table
+
+
+_SAMPLER_NAMES = _sampler_table()
+_OUR_SCHEDULES = ("automatic", "uniform", "karras")
+
+
+def _schedule_name(text: str) -> str | None:
+    key = text.strip().lower()
+    for s in A1111_SCHEDULE_TYPES.values():
+        if key in (s.name, s.label.lower(), *(a.lower() for a in s.aliases)):
+            return s.name
+    return None
+
+
+def _split_schedule(low: str, schedule: str | None) -> tuple[str, str | None]:
+    """'dpm++ 2m karras' -> ('dpm++ 2m', 'karras'): a trailing schedule type (label, name or alias)."""
+    for s in A1111_SCHEDULE_TYPES.values():
+        for option in (s.label, s.name, *s.aliases):
+            head = low[: -len(option) - 1]
+            if low.endswith(" " + option.lower()) and head in _SAMPLER_NAMES:
+                return head, s.name
+    return low, schedule
+
+
+def resolve_sampler(sampler_name: str | None, scheduler: str | None = None) -> tuple[str, str]:
+    """A1111's sampler (and scheduler) names -> (our sampler, our schedule type), or a 400 naming what is valid."""
+    name = " ".join((sampler_name or DEFAULT_SAMPLER).split())
+    schedule = None
+    if scheduler is not None and scheduler.strip():
+        schedule = _schedule_name(scheduler)
+        if schedule is None:
+            raise ApiError(400, f"Scheduler not found: {scheduler!r}; valid schedulers: "
+                                f"{', '.join(A1111_SCHEDULE_TYPES[s].label for s in _OUR_SCHEDULES)}")
+    low = name.lower()
+    if low not in _SAMPLER_NAMES:  # a legacy combined name: "DPM++ 2M Karras"
+        low, schedule = _split_schedule(low, schedule)
+    if low not in _SAMPLER_NAMES:
+        valid = ", ".join(entry.display_name for entry in SAMPLERS.values())
+        raise ApiError(400, f"Sampler not found: {name!r}; valid samplers: {valid} "
+                            "(a name may end in a schedule type: Karras, Uniform)")
+    ours = _SAMPLER_NAMES[low]
+    schedule = schedule or "automatic"
+    accepted = ("automatic", *SAMPLERS[ours].schedules)
+    if schedule not in accepted:
+        labels = ", ".join(A1111_SCHEDULE_TYPES[s].label for s in accepted)
+        raise ApiError(400, f"sampler {SAMPLERS[ours].display_name!r} does not run with the "
+                            f"{A1111_SCHEDULE_TYPES[schedule].label!r} schedule here; it takes: {labels}")
+    return ours, schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Request -> GenerationRequest
+
+
+@dataclass
+class Submission:
+    request: GenerationRequest  # seed drawn, batch = batch_size
+    iterations: int  # n_iter
+    model: str | None  # override_settings' sd_model_checkpoint
+    keep_model: bool  # the override stays the default afterwards
+    ignored: list[str]
+
+
+def _value(value, default):
+    return default if value is None else value
+
+
+def _ignored(body: _Common, sampler: str) -> list[str]:
+    ignored = []
+    checks = {
+        "enable_hr": bool(getattr(body, "enable_hr", False)), "restore_faces": bool(body.restore_faces),
+        "tiling": bool(body.tiling), "subseed_strength": bool(body.subseed_strength),
+        "styles": bool(body.styles), "script_name": bool(body.script_name),
+        "alwayson_scripts": bool(body.alwayson_scripts), "refiner_checkpoint": bool(body.refiner_checkpoint),
+        "s_churn": bool(body.s_churn), "s_noise": body.s_noise not in (None, 1.0),
+        "s_tmin": bool(body.s_tmin), "s_tmax": bool(body.s_tmax), "s_min_uncond": bool(body.s_min_uncond),
+        "eta": "eta" not in SAMPLERS[sampler].options and body.eta not in (None, 0.0, 1.0),
+        "firstpass_image": bool(getattr(body, "firstpass_image", None)),
+        "save_images": bool(body.save_images), "infotext": bool(body.infotext),
+    }
+    ignored += [name for name, used in checks.items() if used]
+    for key in (body.override_settings or {}):
+        if key not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_ddim"):
+            ignored.append(f"override_settings.{key}")
+    return ignored
+
+
+def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Submission:
+    """The generation an A1111 request asks for; ApiError 400/404/422 for what cannot be done."""
+    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    overrides = body.override_settings or {}
+    model = overrides.get("sd_model_checkpoint")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(422, "override_settings.sd_model_checkpoint must be a model title")
+    clip = _value(body.clip_skip, overrides.get("CLIP_stop_at_last_layers", clip_skip))
+    seed = _value(body.seed, -1)
+    eta = 0.0
+    if "eta" in SAMPLERS[sampler].options:
+        eta = _value(body.eta, overrides.get("eta_ddim", 0.0))
+    fields = dict(
+        prompt=_value(body.prompt, ""), negative_prompt=_value(body.negative_prompt, ""),
+        steps=_value(body.steps, 50), cfg_scale=_value(body.cfg_scale, 7.0), sampler=sampler, schedule=schedule,
+        seed=None if seed == -1 else seed, width=_value(body.width, 512), height=_value(body.height, 512),
+        batch=_value(body.batch_size, 1), eta=eta, clip_skip=clip,
+    )
+    iterations = _value(body.n_iter, 1)
+    if not isinstance(iterations, int) or iterations < 1 or fields["batch"] * iterations > MAX_IMAGES:
+        raise ApiError(422, f"batch_size x n_iter must be between 1 and {MAX_IMAGES}, "
+                            f"got {fields['batch']} x {iterations}", error="ValidationError")
+    if isinstance(body, Img2ImgRequest):
+        if not body.init_images:
+            raise ApiError(404, "Init image not found")
+        try:
+            image = image_from_base64(body.init_images[0], "init_images[0]", max_pixels=max_pixels)
+            mode = _value(body.resize_mode, 0)
+            if isinstance(fields["width"], int) and isinstance(fields["height"], int) and \
+                    fields["width"] > 0 and fields["height"] > 0:
+                image = resize_for(image, fields["width"], fields["height"], mode)
+        except SdtorchError as e:
+            raise ApiError(400, str(e)) from None
+        fields |= {"init_image": image, "strength": _value(body.denoising_strength, 0.75)}
+        if body.mask:
+            fields |= _inpaint_fields(body, image.size, max_pixels)
+    try:
+        request = GenerationRequest(**fields)
+        request.validate()
+    except SdtorchError as e:
+        raise ApiError(422, str(e), error="ValidationError") from None
+    return Submission(request.with_seed(), iterations, model,
+                      not _value(body.override_settings_restore_afterwards, True), _ignored(body, sampler))
+
+
+# A1111's `inpainting_fill` numbers -> our masked-content names.
+INPAINTING_FILL = ("fill", "original", "latent_noise", "latent_nothing")
+
+
+def _inpaint_fields(body: Img2ImgRequest, size: tuple[int, int], max_pixels: int) -> dict:
+    """A1111's inpainting fields -> the request's: the mask (resized to the picture, white repaints),
+    its blur, inversion, masked content and inpaint area ("only masked" with its padding)."""
+    try:
+        mask = image_from_base64(body.mask, "mask", max_pixels=max_pixels)
+    except SdtorchError as e:
+        raise ApiError(400, str(e)) from None
+    if mask.size != size:
+        mask = mask.resize(size)
+    fill = _value(body.inpainting_fill, 0)
+    if fill not in range(len(INPAINTING_FILL)):
+        raise ApiError(422, f"inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent "
+                            f"nothing), got {fill}", error="ValidationError")
+    blur = body.mask_blur if body.mask_blur is not None else _value(body.mask_blur_x, 4)
+    return {
+        "mask": mask, "mask_blur": blur, "invert_mask": bool(_value(body.inpainting_mask_invert, 0)),
+        "masked_content": INPAINTING_FILL[fill],
+        "inpaint_area": "masked" if _value(body.inpaint_full_res, True) else "whole",
+        "inpaint_padding": _value(body.inpaint_full_res_padding, 0),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses
+
+
+def echo(body: _Common) -> dict:
+    """A1111's `parameters`: the request with its defaults filled in (images left out unless asked)."""
+    params = body.model_dump()
+    if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+        params["init_images"], params["mask"] = None, None
+    return params
+
+
+def info(job, body: _Common, ignored: list[str]) -> str:
+    """A1111's `info`: Processed.js(), a JSON string."""
+    outputs = job.outputs
+    first = outputs[0].request if outputs else job.request
+    entry = job.model_entry
+    model_name = entry.model_name if entry else None
+    sampler = SAMPLERS[first.sampler].display_name
+    schedule = A1111_SCHEDULE_TYPES[first.schedule].label if first.schedule in A1111_SCHEDULE_TYPES else None
+    data = {
+        "prompt": first.prompt, "all_prompts": [o.request.prompt for o in outputs],
+        "negative_prompt": first.negative_prompt, "all_negative_prompts": [o.request.negative_prompt for o in outputs],
+        "seed": first.seed, "all_seeds": [o.request.seed for o in outputs],
+        "subseed": _value(body.subseed, -1), "all_subseeds": [_value(body.subseed, -1)] * len(outputs),
+        "subseed_strength": _value(body.subseed_strength, 0), "width": first.width, "height": first.height,
+        "sampler_name": sampler, "scheduler": schedule, "cfg_scale": first.cfg_scale, "steps": first.steps,
+        "batch_size": job.request.batch, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": model_name,
+        "sd_model_hash": entry.short_hash if entry else None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": _value(body.seed_resize_from_w, -1),
+        "seed_resize_from_h": _value(body.seed_resize_from_h, -1),
+        "denoising_strength": first.strength if first.img2img else None,
+        "extra_generation_params": {"Schedule type": schedule} if schedule else {},
+        "index_of_first_image": 0, "infotexts": [o.infotext for o in outputs], "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
+        "clip_skip": first.clip_skip, "is_using_inpainting_conditioning": False, "version": VERSION,
+        "sdtorch": {"state": job.state, "partial": [o.partial for o in outputs], "ignored": ignored,
+                    "seconds": round((job.finished or time.time()) - (job.started or job.created), 3)},
+    }
+    return json.dumps(data, default=lambda o: None)
+
+
+def png_info(text: dict[str, str]) -> dict:
+    """POST /png-info: the 'parameters' text, the other text items, and A1111's parsed dict (strings)."""
+    parameters = text.get("parameters", "")
+    items = {k: v for k, v in text.items() if k != "parameters"}
+    parsed: dict[str, str] = {}
+    if parameters:
+        try:
+            p = parse_parameters(parameters)
+        except SdtorchError:
+            p = None
+        if p is not None:
+            parsed = {"Prompt": p.prompt, "Negative prompt": p.negative_prompt}
+            for key, value in (("Steps", p.steps), ("Sampler", p.sampler), ("CFG scale", p.cfg_scale),
+                               ("Seed", p.seed), ("Size-1", p.width), ("Size-2", p.height),
+                               ("Model hash", p.model_hash), ("Model", p.model),
+                               ("Denoising strength", p.denoising_strength)):
+                if value is not None:
+                    parsed[key] = str(value)
+            parsed |= p.extra
+    return {"info": parameters, "items": items, "parameters": parsed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Listings
+
+
+def samplers() -> list[dict]:
+    out = []
+    for ours, entry in SAMPLERS.items():
+        a1111 = A1111_SAMPLERS.get(entry.display_name)
+        options = {}
+        if a1111 is not None and a1111.scheduler and a1111.scheduler in entry.schedules:
+            options["scheduler"] = a1111.scheduler
+        if entry.stochastic:
+            options["uses_ensd"] = "True"
+        aliases = [*(a1111.aliases if a1111 else ()), ours]
+        out.append({"name": entry.display_name, "aliases": aliases, "options": options})
+    return out
+
+
+def schedulers() -> list[dict]:
+    out = []
+    for name in _OUR_SCHEDULES:
+        s = A1111_SCHEDULE_TYPES[name]
+        out.append({"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
+                    "default_rho": 7.0 if name == "karras" else -1.0, "need_inner_model": s.needs_model_table})
+    return out
+
+
+def upscalers() -> list[dict]:
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0}
+            for name in ("None", "Lanczos", "Nearest")]
+
+
+LATENT_UPSCALE_MODES = [{"name": n} for n in ("Latent", "Latent (antialiased)", "Latent (bicubic)",
+                                               "Latent (bicubic antialiased)", "Latent (nearest)",
+                                               "Latent (nearest-exact)")]
+
+
+def memory() -> dict:
+    import torch
+
+    ram: dict[str, Any]
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm") as f:
+            used = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        ram = {"free": total - used, "used": used, "total": total}
+    except (OSError, ValueError, AttributeError) as e:
+        ram = {"error": str(e)}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        cuda = {"system": {"free": free, "used": total - free, "total": total},
+                "active": {"current": stats.get("active_bytes.all.current", 0),
+                           "peak": stats.get("active_bytes.all.peak", 0)},
+                "allocated": {"current": stats.get("allocated_bytes.all.current", 0),
+                              "peak": stats.get("allocated_bytes.all.peak", 0)},
+                "reserved": {"current": stats.get("reserved_bytes.all.current", 0),
+                             "peak": stats.get("reserved_bytes.all.peak", 0)},
+                "inactive": {"current": stats.get("inactive_split_bytes.all.current", 0),
+                             "peak": stats.get("inactive_split_bytes.all.peak", 0)},
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+    else:
+        cuda = {"error": "no CUDA device"}
+    return {"ram": ram, "cuda": cuda}
+
+
+def loras(adapters) -> list[dict]:
+    """GET /loras as A1111's Lora extension answers it: name, alias, path, metadata (never loading one)."""
+    return [{"name": name, "alias": name, "path": f"{name}", "metadata": {}} for name in adapters.lora_names()]
+
+
+def embeddings(adapters) -> dict:
+    """GET /embeddings as A1111 answers it: the loaded ones with their shape; the skipped ones by name."""
+    loaded = {
+        name: {"step": e.step, "sd_checkpoint": e.sd_checkpoint, "sd_checkpoint_name": e.sd_checkpoint_name,
+               "shape": e.width, "vectors": len(e.vectors)}
+        for name, e in adapters.embeddings.items()
+    }
+    return {"loaded": loaded, "skipped": {}}
