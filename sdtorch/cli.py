@@ -242,6 +242,24 @@ def model_note(path: str, pipe) -> str | None:
     return model_hash_note(params.model_hash, params.model, pipe.model_hash, pipe.model_name)
 
 
+def load_pipeline(args: argparse.Namespace, request: GenerationRequest):
+    """The model the options name, with their LoRAs, embeddings and VAE; the request with --lora's tags
+    added; one line each for what was passed over or differs from a --from-png record."""
+    from sdtorch.pipeline import Pipeline, default_model_path
+
+    vae = {"vae": args.vae} if getattr(args, "vae", None) else {}  # --vae, where the command has it
+    pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae)
+    for warning in pipe.adapters.warnings:
+        print(f"sdtorch: {warning}", file=sys.stderr)
+    for spec in args.lora or ():
+        request = request.replace(prompt=f"{request.prompt} {lora_tag(pipe, spec)}".strip())
+    note = model_note(args.from_png, pipe) if args.from_png else None
+    if note:
+        print(f"sdtorch: note: {note}", file=sys.stderr)
+    return pipe, request
+
+
 def lora_tag(pipe, spec: str) -> str:
     """--lora FILE[:WEIGHT] -> the prompt tag <lora:NAME:WEIGHT> that applies it (and records it)."""
     path, _, weight = spec.rpartition(":") if ":" in Path(spec).name else (spec, "", "1")
@@ -298,7 +316,6 @@ def generate(args: argparse.Namespace) -> int:
 
     from sdtorch.images import load_image
     from sdtorch.metadata import infotext, write_png
-    from sdtorch.pipeline import Pipeline, default_model_path
     from sdtorch.preview import StepRecorder, save_steps
     from sdtorch.progress import StepProgress
 
@@ -311,15 +328,7 @@ def generate(args: argparse.Namespace) -> int:
     if outpaint is not None:
         request = request.replace(outpaint=outpaint)
         request.validate()
-    pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
-                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, vae=args.vae)
-    for warning in pipe.adapters.warnings:
-        print(f"sdtorch: {warning}", file=sys.stderr)
-    for spec in args.lora or ():
-        request = request.replace(prompt=f"{request.prompt} {lora_tag(pipe, spec)}".strip())
-    note = model_note(args.from_png, pipe) if args.from_png else None
-    if note:
-        print(f"sdtorch: note: {note}", file=sys.stderr)
+    pipe, request = load_pipeline(args, request)
     recorder = StepRecorder() if args.save_steps else None
     with StepProgress(request, disable=args.quiet) as bar:
         result = pipe.run(request, bar.chain(recorder))

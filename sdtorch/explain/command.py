@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from sdtorch.errors import SdtorchError
@@ -31,7 +30,7 @@ def add_explain_parser(commands, generate: argparse.ArgumentParser) -> argparse.
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    from sdtorch.cli import lora_tag, model_note, request_from_args
+    from sdtorch.cli import load_pipeline, request_from_args
 
     request = request_from_args(args).with_seed()
     request.validate()
@@ -43,22 +42,12 @@ def explain_command(args: argparse.Namespace) -> int:
 
     from sdtorch.explain import explain
     from sdtorch.images import load_image
-    from sdtorch.pipeline import Pipeline, default_model_path
     from sdtorch.progress import StepProgress
 
     if args.init_image:
         request = request.replace(init_image=load_image(args.init_image))
         request.validate()
-    vae = {"vae": args.vae} if getattr(args, "vae", None) else {}  # --vae, where generate has it
-    pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
-                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae)
-    for warning in pipe.adapters.warnings:
-        print(f"sdtorch: {warning}", file=sys.stderr)
-    for spec in args.lora or ():
-        request = request.replace(prompt=f"{request.prompt} {lora_tag(pipe, spec)}".strip())
-    note = model_note(args.from_png, pipe) if args.from_png else None
-    if note:
-        print(f"sdtorch: note: {note}", file=sys.stderr)
+    pipe, request = load_pipeline(args, request)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
