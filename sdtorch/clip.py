@@ -1,8 +1,9 @@
-"""The CLIP text transformer that conditions Stable Diffusion 1.x.
+"""The CLIP text transformer that conditions Stable Diffusion.
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision":
 a causal pre-LayerNorm transformer over 77 BPE tokens. Parameter names are those SD 1.x files
-store under `cond_stage_model.transformer.text_model.` (transformers 4's CLIPTextModel).
+store under `cond_stage_model.transformer.text_model.` (transformers 4's CLIPTextModel); SD 2.x's
+and SDXL's OpenCLIP towers are renamed to them on load (`sdtorch.loading.openclip`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim:  # OpenCLIP's contrastive head, which SDXL's pooled embedding comes out of
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def hidden_states(
         self, ids: torch.Tensor | None = None, upto: int | None = None, *, tokens: torch.Tensor | None = None
@@ -114,3 +117,19 @@ class CLIPTextModel(nn.Module):
             raise ValueError("give the text encoder either token ids or token vectors")
         x = self.hidden_states(ids, upto=self.config.layers - clip_skip + 1, tokens=tokens)[-1]
         return self.final_layer_norm(x)  # (B, T, width)
+
+    def penultimate(
+        self, ids: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SDXL's use of a tower (sgm's FrozenCLIPEmbedder `layer: hidden, layer_idx: 11` and
+        FrozenOpenCLIPEmbedder2 `layer: penultimate`): the next-to-last layer's output, without the final
+        norm, (B, T, width); and, where the tower has a projection, the pooled embedding (B, projection):
+        the last layer through the final norm at each row's EOS (its highest id), projected."""
+        projected = hasattr(self, "text_projection")
+        states = self.hidden_states(None if tokens is not None else ids, tokens=tokens,
+                                    upto=None if projected else self.config.layers - 1)
+        if not projected:
+            return states[-1], None
+        last = self.final_layer_norm(states[-1])
+        eos = last[torch.arange(last.shape[0], device=last.device), ids.to(last.device).argmax(dim=-1)]
+        return states[-2], self.text_projection(eos)

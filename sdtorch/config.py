@@ -25,6 +25,7 @@ class CLIPTextConfig:
     mlp_width: int = 3072
     activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu"
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # SDXL's OpenCLIP bigG: the `text_projection` giving the pooled embedding
 
 
 @dataclass(frozen=True)
@@ -40,14 +41,21 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)
     num_heads: int = 8  # SD 1.x fixes the head count; head width = channels / heads
     head_dim: int | None = None  # SD 2.x fixes the head width instead (64): heads = channels / head_dim
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per transformer: one count, or one per level (SDXL)
     context_dim: int = 768
     use_linear_proj: bool = False  # SD 1.x projects in/out of the transformer with 1x1 convs
     norm_groups: int = 32
+    adm_in_channels: int | None = None  # SDXL's `label_emb` input: pooled text + size/crop embeddings
 
     @property
     def time_embed_dim(self) -> int:
         return self.model_channels * 4
+
+    def depth_at(self, level: int | None) -> int:
+        """Transformer blocks at a level (None: the middle block, which has the deepest level's count)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
     def heads_at(self, channels: int) -> int:
         """Attention heads of a transformer over `channels` channels."""
@@ -80,6 +88,7 @@ class ModelConfig:
 
     family: str = SD1.name
     text: CLIPTextConfig = CLIPTextConfig()
+    text_2: CLIPTextConfig | None = None  # SDXL's second text tower (OpenCLIP bigG)
     unet: UNetConfig = UNetConfig()
     vae: VAEConfig = VAEConfig()
     prediction_type: str = SD1.prediction_type  # "epsilon" or "v_prediction"
@@ -89,6 +98,9 @@ class ModelConfig:
     beta_end: float = 0.012  # v1-inference.yaml linear_end
     beta_schedule: str = "scaled_linear"
     num_train_timesteps: int = 1000
+    timestep_spacing: str | None = None  # the scheduler config's (SDXL: "leading"); None: each sampler's own
+    # diffusers' SDXL `force_zeros_for_empty_prompt`: an empty negative prompt conditions on zeros, not on "".
+    zero_empty_negative: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,12 +112,13 @@ class ModelConfig:
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields}
             return kind(**values)
 
-        top = {k: v for k, v in data.items() if k not in ("text", "unet", "vae")}
+        top = {k: v for k, v in data.items() if k not in ("text", "text_2", "unet", "vae")}
         return build(
             cls,
             {
                 **top,
                 "text": build(CLIPTextConfig, data.get("text", {})),
+                "text_2": build(CLIPTextConfig, data["text_2"]) if data.get("text_2") else None,
                 "unet": build(UNetConfig, data.get("unet", {})),
                 "vae": build(VAEConfig, data.get("vae", {})),
             },

@@ -53,19 +53,23 @@ class NoiseSchedule:
     """A model's discrete training schedule: abar_t for t = 0 .. N-1, and its VE sigmas."""
 
     alphas_cumprod: Tensor  # (N,) fp32, index = timestep
+    # The scheduler config's `timestep_spacing` (SDXL: 'leading'); None: each method's own, as diffusers
+    # lays it out from SD 1.x's config, which names none (`sdtorch.samplers.registry`).
+    spacing: str | None = None
 
     @classmethod
     def from_betas(
         cls, beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
-        beta_schedule: str = "scaled_linear",
+        beta_schedule: str = "scaled_linear", spacing: str | None = None,
     ) -> NoiseSchedule:
         betas = _betas(beta_schedule, beta_start, beta_end, num_train_timesteps)
-        return cls(torch.cumprod(1.0 - betas, dim=0))
+        return cls(torch.cumprod(1.0 - betas, dim=0), spacing)
 
     @classmethod
     def of(cls, config) -> NoiseSchedule:
         """The schedule a `ModelConfig` records (SD 1.x: scaled-linear 0.00085..0.012 over 1000 steps)."""
-        return cls.from_betas(config.beta_start, config.beta_end, config.num_train_timesteps, config.beta_schedule)
+        return cls.from_betas(config.beta_start, config.beta_end, config.num_train_timesteps, config.beta_schedule,
+                              config.timestep_spacing)
 
     @property
     def num_train_timesteps(self) -> int:

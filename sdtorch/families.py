@@ -1,7 +1,7 @@
 """Model families as rows of one table: what identifies a checkpoint of the family, where its
 networks live in an original single file, and the defaults that come with it.
 
-SD 1.x and SD 2.x run; SDXL becomes a row here. Families that are
+SD 1.x, SD 2.x and SDXL (base) run. Families that are
 recognised but not run are listed in `UNSUPPORTED`, so that their files get an error naming them.
 """
 
@@ -43,6 +43,7 @@ class ModelFamily:
     image_size: int  # the side it was trained at: the default width and height
     cfg_scale: float  # the guidance it works best at
     pad_id: int = 49407  # what fills a prompt's 77 ids after EOS: EOS for OpenAI CLIP, 0 ('!') for OpenCLIP
+    pad_id_2: int = 0  # the same for a second text tower (SDXL's OpenCLIP bigG)
 
 
 SD1 = ModelFamily(
@@ -77,12 +78,36 @@ SD2 = ModelFamily(
     pad_id=0,
 )
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD2)}
+SDXL = ModelFamily(
+    name="sdxl",
+    label="Stable Diffusion XL",
+    markers=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
+    # The OpenCLIP bigG tower is translated to our CLIP names on load, under text_encoder_2's prefix.
+    prefixes={
+        "text_encoder": "conditioner.embedders.0.transformer.text_model.",
+        "text_encoder_2": "conditioner.embedders.1.transformer.text_model.",
+        "unet": "model.diffusion_model.",
+        "vae": "first_stage_model.",
+    },
+    tolerated=("conditioner.embedders.0.transformer.text_model.embeddings.position_ids", "first_stage_model.loss."),
+    text_encoders=("clip_l", "openclip_g"),
+    prediction_type="epsilon",
+    latent_format=LatentFormat(scale=0.13025),  # sd_xl_base.yaml `scale_factor`
+    image_size=1024,
+    cfg_scale=5.0,  # diffusers' StableDiffusionXLPipeline default
+)
 
-# Families we recognise but do not run, by a tensor name only they have.
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (SD1, SD2, SDXL)}
+
+# Families we recognise but do not run, by a tensor name only they have (checked after SDXL's markers).
 UNSUPPORTED: list[tuple[str, str]] = [
-    ("conditioner.embedders.", "SDXL"),
-    ("model.diffusion_model.label_emb.", "a class-conditioned UNet (SDXL or unCLIP)"),
+    ("conditioner.embedders.0.model.", "the SDXL refiner"),
+    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3"),
+    ("model.diffusion_model.double_blocks.", "Flux"),
+    ("double_blocks.0.img_attn.qkv.weight", "Flux"),
+    ("clf.1.weight", "Stable Cascade (stage C)"),
+    ("clip_mapper.weight", "Stable Cascade (stage B)"),
+    ("model.diffusion_model.label_emb.", "a class-conditioned UNet (unCLIP or SD x4 upscaler)"),
     ("control_model.", "a ControlNet"),
     ("down_blocks.0.resnets.0.conv1.weight", "a diffusers-format UNet file (point at the whole diffusers folder)"),
     ("lora_unet_", "a LoRA (not a full model)"),

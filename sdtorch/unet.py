@@ -1,10 +1,15 @@
-"""The latent-diffusion UNet of Stable Diffusion 1.x.
+"""The latent-diffusion UNet of Stable Diffusion 1.x, 2.x and XL.
 
 Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models": the
 ADM UNet of Dhariwal & Nichol 2021 (res-blocks with a timestep embedding) with a spatial
 transformer (self-attention, cross-attention to the text context, GEGLU feed-forward) after
 each res-block of the attention levels. Module names are CompVis' `openaimodel.UNetModel`
 ones, so `model.diffusion_model.*` loads by stripping the prefix.
+
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis") is the same network with per-level transformer depths, no attention at the first level,
+and a vector `y` (the pooled text embedding with the image's size and crop embedded) added to the
+timestep embedding through `label_emb`, as sgm's `UNetModel(adm_in_channels=..., num_classes="sequential")`.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Flattens a feature map to tokens, runs transformer blocks on them, adds the result back."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, depth: int):
         super().__init__()
         self.norm = group_norm(channels, cfg.norm_groups, eps=1e-6)
         if cfg.use_linear_proj:
@@ -103,7 +108,7 @@ class SpatialTransformer(nn.Module):
         self.linear = cfg.use_linear_proj
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, cfg.context_dim, cfg.heads_at(channels))
-            for _ in range(cfg.transformer_depth)
+            for _ in range(depth)
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -143,13 +148,18 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """(latents (B,C,H,W), timesteps (B,) or scalar, context (B,T,D)) -> predicted noise (B,C,H,W)."""
+    """(latents (B,C,H,W), timesteps (B,) or scalar, context (B,T,D)[, y (B, adm_in_channels)]) ->
+    predicted noise (B,C,H,W)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
         ch, emb_dim, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_channels = [ch]
@@ -159,7 +169,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, mult * cfg.model_channels, emb_dim, groups)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != levels - 1:
@@ -167,7 +177,8 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, ch, emb_dim, groups), SpatialTransformer(ch, cfg), ResBlock(ch, ch, emb_dim, groups)
+            ResBlock(ch, ch, emb_dim, groups), SpatialTransformer(ch, cfg, cfg.depth_at(None)),
+            ResBlock(ch, ch, emb_dim, groups),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -176,16 +187,22 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), mult * cfg.model_channels, emb_dim, groups)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4*ch)
+        if hasattr(self, "label_emb"):
+            if y is None:
+                raise ValueError("this UNet (SDXL) needs the added conditioning vector y")
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         h = x
         for block in self.input_blocks:

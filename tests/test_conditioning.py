@@ -75,7 +75,7 @@ LONG = ", ".join(["a red circle"] * 30)  # 119 tokens: two chunks, cut at a comm
     ],
 )
 def test_contexts_match_a1111s_recipe_on_transformers_clip(pipe, reference_clip, prompt, emphasis):
-    ours = pipe.prompt_encoder.encode([prompt], emphasis=emphasis)[prompt]
+    ours = pipe.prompt_encoder.encode([prompt], emphasis=emphasis)[0][prompt]  # (contexts, pooled)
     expected = reference_context(reference_clip, prompt, emphasis)
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max().item() <= 1e-4
@@ -85,7 +85,7 @@ def test_long_prompts_keep_every_token_and_pad_the_negative(pipe):
     assert len(pipe.tokenizer.encode(LONG)) == 119 and len(chunk_prompt(LONG)) == 2
     cond, uncond = encode(pipe.prompt_encoder, LONG, "", steps=4)
     assert cond.tokens == uncond.tokens == 154  # two chunks of 77 for both
-    empty = pipe.prompt_encoder.encode([""])[""]
+    empty = pipe.prompt_encoder.encode([""])[0][""]
     context = uncond.parts[0].at(1)
     torch.testing.assert_close(context[:, :77], empty, rtol=0, atol=0)
     torch.testing.assert_close(context[:, 77:], empty, rtol=0, atol=0)  # the padding chunk is an empty prompt
@@ -130,7 +130,7 @@ def test_and_combines_the_parts_with_their_weights(model):
             super().__init__()
             self.p = torch.nn.Parameter(torch.zeros(()))
 
-        def forward(self, x, t, context):
+        def forward(self, x, t, context, y=None):
             return x * 0 + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
 
     from sdtorch.conditioning import Conditioning, Part
@@ -161,7 +161,7 @@ def test_textual_inversion_vectors_enter_the_text_encoder(tmp_path, model, tiny_
     random_embedding(tmp_path / "shinystyle.safetensors", model.config.text.width, 3)
     pipe = Pipeline(model, tiny_checkpoint, Adapters.from_folders(embeddings_dir=tmp_path,
                                                                    width=model.config.text.width))
-    context = pipe.prompt_encoder.encode(["a circle, shinystyle"])["a circle, shinystyle"]
+    context = pipe.prompt_encoder.encode(["a circle, shinystyle"])[0]["a circle, shinystyle"]
     # by hand: the tokens of "a circle," then the three vectors, then EOS padding
     encoder, tokenizer = model.text_encoder, pipe.tokenizer
     head = [tokenizer.bos_id, *tokenizer.encode("a circle,")]

@@ -325,3 +325,32 @@ def test_stochastic_samplers_follow_the_generator():
     for name in ("euler_a", "dpmpp_2m_sde", "ddpm"):
         a, b, c = (ours(name, noise, 5, seed=s) for s in (1, 1, 2))
         assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("steps", [1, 7, 20])
+def test_timestep_spacing_of_a_scheduler_config_matches_diffusers(spacing, steps):
+    """A model whose scheduler config names its `timestep_spacing` (SDXL's: 'leading') gets diffusers'
+    timesteps and sigmas for it, in every scheduler family the sigma samplers match."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        LMSDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    from sdtorch.samplers.schedules import sigma_grid, spaced_timesteps
+
+    config = json.loads(SCHEDULER_CONFIG.read_text()) | {"timestep_spacing": spacing}
+    schedule = NoiseSchedule.from_betas(spacing=spacing)
+    for kind, solver in ((EulerDiscreteScheduler, False), (EulerAncestralDiscreteScheduler, False),
+                         (LMSDiscreteScheduler, False), (DPMSolverMultistepScheduler, True),
+                         (UniPCMultistepScheduler, True)):
+        ref = kind.from_config(config)
+        ref.set_timesteps(steps)
+        ours = spaced_timesteps(spacing, steps, 1000, solver=solver)
+        assert torch.equal(ours.double(), torch.as_tensor(ref.timesteps).double()), kind.__name__
+        if not solver:
+            grid = sigma_grid(schedule, ours)
+            assert torch.allclose(grid.sigmas.double(), torch.as_tensor(ref.sigmas).double(), rtol=1e-6), kind.__name__

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from oracles import SCHEDULER_CONFIG, randomise_, reference_tokenizer, write_clip_vocab
+from oracles import SCHEDULER_CONFIG, openclip_state, randomise_, reference_tokenizer, write_clip_vocab
 from safetensors.torch import save_file
 
 from sdtorch.config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
@@ -75,41 +75,6 @@ model:
 """
 
 
-def openclip_state(model: StableDiffusion, extra_block_seed: int = 3) -> dict[str, torch.Tensor]:
-    """The text tower in open_clip's names as SD 2 files store it: q, k, v fused into in_proj, one more
-    block at the end (the one SD 2 skips), and the contrastive head."""
-    prefix, ours = "cond_stage_model.model.", model.text_encoder.state_dict()
-    state = {
-        prefix + "token_embedding.weight": ours["embeddings.token_embedding.weight"],
-        prefix + "positional_embedding": ours["embeddings.position_embedding.weight"],
-        prefix + "ln_final.weight": ours["final_layer_norm.weight"],
-        prefix + "ln_final.bias": ours["final_layer_norm.bias"],
-    }
-    width, layers = model.config.text.width, model.config.text.layers
-    g = torch.Generator().manual_seed(extra_block_seed)
-    for i in range(layers + 1):
-        def get(name, shape, i=i):
-            key = f"encoder.layers.{i}.{name}"
-            return ours[key] if i < layers else torch.randn(shape, generator=g) * 0.05
-
-        block = f"{prefix}transformer.resblocks.{i}."
-        for kind, shape in (("weight", (width, width)), ("bias", (width,))):
-            state[block + f"attn.in_proj_{kind}"] = torch.cat(
-                [get(f"self_attn.{p}_proj.{kind}", shape) for p in "qkv"])
-            state[block + f"attn.out_proj.{kind}"] = get(f"self_attn.out_proj.{kind}", shape)
-        for theirs, mine, shape in (("ln_1", "layer_norm1", (width,)), ("ln_2", "layer_norm2", (width,))):
-            state[block + f"{theirs}.weight"] = get(f"{mine}.weight", shape)
-            state[block + f"{theirs}.bias"] = get(f"{mine}.bias", shape)
-        mlp = model.config.text.mlp_width
-        state[block + "mlp.c_fc.weight"] = get("mlp.fc1.weight", (mlp, width))
-        state[block + "mlp.c_fc.bias"] = get("mlp.fc1.bias", (mlp,))
-        state[block + "mlp.c_proj.weight"] = get("mlp.fc2.weight", (width, mlp))
-        state[block + "mlp.c_proj.bias"] = get("mlp.fc2.bias", (width,))
-    state[prefix + "text_projection"] = torch.randn(width, width, generator=g)
-    state[prefix + "logit_scale"] = torch.tensor(4.6)
-    return state
-
-
 @pytest.fixture(scope="module")
 def sd2_file(tmp_path_factory):
     """A tiny SD 2.x single file in the real layout (no sdtorch metadata: detected from its tensors)."""
@@ -117,7 +82,8 @@ def sd2_file(tmp_path_factory):
     for net in model.networks().values():
         randomise_(net, seed=41)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("cond_stage_model.")}
-    state |= openclip_state(model)
+    state |= openclip_state(model.text_encoder.state_dict(), model.config.text, "cond_stage_model.model.",
+                            extra_block_seed=3)
     folder = tmp_path_factory.mktemp("sd2")
     path = folder / "tiny-sd2.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))

@@ -107,10 +107,18 @@ def test_a1111_pt_as_it_saves(tmp_path):
     assert e.name == "my style" and torch.equal(e.vectors, vec) and e.step == 7 and not e.vectors.requires_grad
 
 
-def test_sdxl_embedding_is_named(tmp_path):
-    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, str(tmp_path / "xl.safetensors"))
-    with pytest.raises(SdtorchError, match="SDXL embedding"):
-        load_embedding(tmp_path / "xl.safetensors")
+def test_sdxl_embedding_loads_both_sets_and_only_for_sdxl(tmp_path):
+    clip_l, clip_g = torch.randn(2, 768), torch.randn(2, 1280)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(tmp_path / "xl.safetensors"))
+    e = load_embedding(tmp_path / "xl.safetensors")
+    assert torch.equal(e.vectors, clip_l) and torch.equal(e.vectors_2, clip_g) and e.widths == (768, 1280)
+    assert torch.equal(e.for_second_tower().vectors, clip_g)
+    assert "xl" in load_embeddings(tmp_path, width=(768, 1280))[0]
+    found, warnings = load_embeddings(tmp_path, width=768)  # an SD 1.x model passes it over, saying why
+    assert not found and "768 + 1280 wide" in warnings[0]
+    save_file({"clip_l": clip_l, "clip_g": clip_g[:1]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(SdtorchError, match="2 clip_l and 1 clip_g"):
+        load_embedding(tmp_path / "bad.safetensors")
 
 
 # --- corrupt and hostile files ------------------------------------------------------------

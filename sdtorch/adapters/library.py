@@ -45,9 +45,10 @@ class Adapters:
     @classmethod
     def from_folders(
         cls, lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None,
-        width: int | None = None,
+        width: int | tuple[int, ...] | None = None,
     ) -> Adapters:
-        """`width`: the text encoder's; embeddings of another width are passed over with a warning."""
+        """`width`: the text encoder's (SDXL: both towers'); embeddings of other widths are passed over with a
+        warning."""
         if lora_dir is not None and not Path(lora_dir).is_dir():
             raise SdtorchError(f"{lora_dir}: no such LoRA folder")
         embeddings, warnings = load_embeddings(embeddings_dir, width) if embeddings_dir else ({}, [])

@@ -12,14 +12,15 @@ Read as AUTOMATIC1111 reads them (`modules/textual_inversion/textual_inversion.p
   when a site dropped the text, the same JSON zlib-packed into the picture's data columns.
 
 The embedding's name, the word that calls it in a prompt, is the file stem, or for a picture the
-name stored in it (as A1111). SDXL embeddings (`clip_l` + `clip_g`) are recognised and refused:
-sdtorch's models have one text encoder.
+name stored in it (as A1111). SDXL embeddings carry two sets of vectors, `clip_l` (for CLIP-L) and
+`clip_g` (for OpenCLIP bigG); they load for SDXL models only, and SD 1.x/2.x embeddings for those only.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,10 +52,12 @@ class NoEmbeddingInPicture(SdtorchError):
 
 @dataclass(frozen=True, eq=False)
 class Embedding:
-    """One embedding: `vectors` (n, width) float32 stand in a prompt where `name` is written."""
+    """One embedding: `vectors` (n, width) float32 stand in a prompt where `name` is written; for SDXL,
+    `vectors` are CLIP-L's (`clip_l`) and `vectors_2` bigG's (`clip_g`)."""
 
     name: str
     vectors: torch.Tensor = field(repr=False)  # (n, width)
+    vectors_2: torch.Tensor | None = field(default=None, repr=False)  # (n, width_2): SDXL's second tower
     shorthash: str = ""  # A1111's "TI hashes" entry: the first 12 hex digits of the file's sha256
     step: int | None = None
     sd_checkpoint: str | None = None
@@ -64,6 +67,14 @@ class Embedding:
     @property
     def width(self) -> int:
         return self.vectors.shape[1]
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return (self.width,) if self.vectors_2 is None else (self.width, self.vectors_2.shape[1])
+
+    def for_second_tower(self) -> Embedding:
+        """The same embedding with SDXL's bigG vectors in `vectors`, for the second tower's prompt encoder."""
+        return dataclasses.replace(self, vectors=self.vectors_2, vectors_2=None)
 
 
 def load_embedding(path: str | os.PathLike) -> Embedding:
@@ -88,10 +99,17 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
         data = {key: entry.read() for key, entry in file.tensors.items()}
     else:
         data = _read_pickle(path)
-    vectors = _vectors(data, path)
+    if "clip_l" in data and "clip_g" in data:  # SDXL
+        vectors, vectors_2 = _vectors({"clip_l": data["clip_l"]}, path), _vectors({"clip_g": data["clip_g"]}, path)
+        if len(vectors) != len(vectors_2):
+            raise SdtorchError(
+                f"{path}: an SDXL embedding with {len(vectors)} clip_l and {len(vectors_2)} clip_g vectors")
+    else:
+        vectors, vectors_2 = _vectors(data, path), None
     return Embedding(
         name=name,
         vectors=vectors,
+        vectors_2=vectors_2,
         shorthash=hashlib.sha256(path.read_bytes()).hexdigest()[:12],
         step=_optional(data.get("step"), int),
         sd_checkpoint=_optional(data.get("sd_checkpoint"), str),
@@ -100,12 +118,14 @@ def load_embedding(path: str | os.PathLike) -> Embedding:
     )
 
 
-def load_embeddings(folder: str | os.PathLike, width: int | None = None) -> tuple[dict[str, Embedding], list[str]]:
+def load_embeddings(
+    folder: str | os.PathLike, width: int | tuple[int, ...] | None = None
+) -> tuple[dict[str, Embedding], list[str]]:
     """Every embedding under `folder` (recursively, sorted by path) -> ({name: embedding}, warnings).
 
-    A file that is not an embedding, or (with `width`) whose width does not fit the text encoder
-    (A1111 skips those too), is left out with a one-line warning; so is a second file of a name
-    already taken. Empty and hidden files and pictures without an embedding (previews) are
+    A file that is not an embedding, or (with `width`: the text encoder's, or SDXL's two) whose widths do
+    not fit the text encoders (A1111 skips those too), is left out with a one-line warning; so is a
+    second file of a name already taken. Empty and hidden files and pictures without an embedding (previews) are
     passed over silently, as A1111 does.
     """
     folder = Path(folder)
@@ -123,8 +143,10 @@ def load_embeddings(folder: str | os.PathLike, width: int | None = None) -> tupl
         except SdtorchError as e:
             warnings.append(f"skipped: {e}")
             continue
-        if width is not None and embedding.width != width:
-            warnings.append(f"skipped: {path}: vectors {embedding.width} wide; this model's text encoder takes {width}")
+        wanted = (width,) if isinstance(width, int) else width
+        if wanted is not None and embedding.widths != tuple(wanted):
+            warnings.append(f"skipped: {path}: vectors {' + '.join(map(str, embedding.widths))} wide; this model's "
+                            f"text encoders take {' + '.join(map(str, wanted))}")
         elif embedding.name in found:
             warnings.append(f"skipped: {path}: the name {embedding.name!r} is taken by {found[embedding.name].path}")
         else:
@@ -155,10 +177,6 @@ def _vectors(data: dict, path: Path) -> torch.Tensor:
             count = len(params) if isinstance(params, dict) else "no"
             raise SdtorchError(f"{path}: string_to_param holds {count} terms; an embedding has exactly one")
         tensor = next(iter(params.values()))
-    elif "clip_l" in data and "clip_g" in data:
-        raise SdtorchError(
-            f"{path}: an SDXL embedding (clip_l and clip_g vectors); sdtorch's models have one text encoder"
-        )
     else:
         tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
         if len(tensors) != 1 or len(data) != 1:

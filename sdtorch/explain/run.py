@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from sdtorch.adapters.lora import apply_loras
-from sdtorch.conditioning import encode
+from sdtorch.conditioning import added_vector, encode
 from sdtorch.explain.record import AttentionRecorder, WordTokens, word_map, word_tokens
 from sdtorch.images import prepare_init_image, to_pil
 from sdtorch.layers import swapped_attention
@@ -135,7 +135,8 @@ def probes(model, request, cond, uncond, inputs: list[tuple[int, float, torch.Te
     ts = [float(model.schedule.sigma_to_t(torch.tensor(sigma))) for _, sigma, _ in inputs]
     x = torch.cat([x for _, _, x in inputs] * 2)  # (2n, C, h, w): all unconditional rows, then conditional
     contexts = torch.cat([uncond.at(k + 1)[0][1] for k, _, _ in inputs] + [cond.at(k + 1)[0][1] for k, _, _ in inputs])
-    raw = model.unet(x.to(model.dtype), torch.tensor(ts * 2), contexts).float()
+    raw = model.unet(x.to(model.dtype), torch.tensor(ts * 2), contexts, _added(model, x, [
+        c.pooled_at(k + 1) for c in (uncond, cond) for k, _, _ in inputs])).float()
     out = []
     for i, ((step, sigma, xi), t) in enumerate(zip(inputs, ts)):
         e_u, e_c = raw[i : i + 1], raw[len(inputs) + i : len(inputs) + i + 1]
@@ -144,7 +145,16 @@ def probes(model, request, cond, uncond, inputs: list[tuple[int, float, torch.Te
     return out
 
 
-def training_examples(model, image: Image.Image, context: torch.Tensor, seed: int):
+def _added(model, x: torch.Tensor, pooled: list) -> torch.Tensor | None:
+    """SDXL's added vector for UNet rows x (n, C, h, w) with the given pooled embeddings ([(1, P)] or [None] per
+    row, as `Conditioning.pooled_at` gives them), as `sdtorch.guidance` builds it; None for other families."""
+    if pooled[0] is None:
+        return None
+    f = model.latent_format.downscale
+    return added_vector(torch.cat([p[0] for p in pooled]), x.shape[-2] * f, x.shape[-1] * f).to(model.dtype)
+
+
+def training_examples(model, image: Image.Image, context: torch.Tensor, seed: int, pooled=None):
     """The article's training example: `image` encoded (posterior mean), noised to a few training
     timesteps with one seeded noise, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the UNet's
     prediction at each with its MSE against the target (eps, or v for a v-prediction model)."""
@@ -157,7 +167,7 @@ def training_examples(model, image: Image.Image, context: torch.Tensor, seed: in
     abars = [float(model.schedule.alphas_cumprod[t]) for t in ts]
     noised = torch.cat([a**0.5 * x0 + (1 - a) ** 0.5 * noise for a in abars])  # (n, C, h, w)
     predicted = model.unet(noised.to(model.dtype), torch.tensor([float(t) for t in ts]),
-                           context.repeat(len(ts), 1, 1)).float()  # one batched call
+                           context.repeat(len(ts), 1, 1), _added(model, noised, [pooled] * len(ts))).float()
     examples = []
     for i, (t, a) in enumerate(zip(ts, abars)):
         target = noise if model.config.prediction_type == "epsilon" else a**0.5 * noise - (1 - a) ** 0.5 * x0
@@ -205,7 +215,8 @@ def record_generation(
     with apply_loras(model, wanted.loras):  # what runs beside the generation sees the same networks
         started = time.perf_counter()
         cond, uncond = encode(pipe.prompt_encoder, prompt, resolved.negative_prompt, resolved.steps,
-                              resolved.clip_skip, resolved.emphasis)
+                              resolved.clip_skip, resolved.emphasis,
+                              zero_empty_negative=model.config.zero_empty_negative and resolved.compat != "a1111")
         text_seconds = time.perf_counter() - started
     chunks = pipe.prompt_encoder.chunks(prompt)
     found = word_tokens(pipe.tokenizer, chunks, prompt)
@@ -272,7 +283,8 @@ def record_generation(
 
     with apply_loras(model, wanted.loras):
         guidance = probes(model, resolved, cond, uncond, probe_inputs)
-        x0, noise, training = training_examples(model, final, cond.at(1)[0][1], resolved.seed)
+        x0, noise, training = training_examples(model, final, cond.at(1)[0][1], resolved.seed,
+                                                 cond.pooled_at(1))
     roundtrip = to_pil(pipe.decode(x0))[0]
     a, b = np.asarray(final, dtype=np.float64), np.asarray(roundtrip, dtype=np.float64)
     mse = float(((a - b) ** 2).mean())

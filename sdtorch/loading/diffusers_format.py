@@ -46,11 +46,18 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
     heads = set(per_level)
     head_dim = widths.pop() if len(heads) != 1 and len(widths) == 1 else None
     depth = cfg.get("transformer_layers_per_block", 1)
-    depth = set(depth) if isinstance(depth, list) else {depth}
+    per_block = isinstance(depth, list) and any(isinstance(d, list) for d in depth)  # a depth per res-block
+    if isinstance(depth, list) and not per_block:  # SDXL: [1, 2, 10], the first level without attention
+        depth = tuple(d if t == "CrossAttnDownBlock2D" else 0 for d, t in zip(depth, down))
+        depth = depth if len({d for d in depth if d}) > 1 else max(depth)
+    added = cfg.get("addition_embed_type")
     unsupported = {
         "per-level head counts of varying width": len(heads) != 1 and head_dim is None,
-        "per-level transformer depths": len(depth) != 1,
-        "class or added conditioning": bool(cfg.get("class_embed_type") or cfg.get("addition_embed_type")),
+        "transformer depths given per res-block": per_block,
+        "class conditioning": bool(cfg.get("class_embed_type")),
+        f"added conditioning {added!r}": added not in (None, "text_time"),
+        "added time embeddings of a width other than 256": added == "text_time" and cfg.get(
+            "addition_time_embed_dim", 256) != 256,
         "a non-standard time embedding": not cfg.get("flip_sin_to_cos", True) or cfg.get("freq_shift", 0) != 0,
         "unknown block types": any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down),
     }
@@ -66,10 +73,11 @@ def unet_config(cfg: dict, path: Path) -> UNetConfig:
         attention_levels=tuple(i for i, t in enumerate(down) if t == "CrossAttnDownBlock2D"),
         num_heads=per_level[0],
         head_dim=head_dim,
-        transformer_depth=depth.pop(),
+        transformer_depth=depth,
         context_dim=cfg.get("cross_attention_dim", 768),
         use_linear_proj=cfg.get("use_linear_projection", False),
         norm_groups=cfg.get("norm_num_groups", 32),
+        adm_in_channels=cfg.get("projection_class_embeddings_input_dim") if added == "text_time" else None,
     )
 
 
@@ -97,6 +105,9 @@ def text_config(cfg: dict) -> CLIPTextConfig:
         mlp_width=cfg["intermediate_size"],
         activation=cfg.get("hidden_act", "quick_gelu"),
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5),
+        # transformers' CLIPTextModelWithProjection (SDXL's second tower) adds `text_projection`
+        projection_dim=cfg.get("projection_dim") if "CLIPTextModelWithProjection" in cfg.get("architectures", [])
+        else None,
     )
 
 
@@ -106,6 +117,8 @@ def unet_module_names(cfg: UNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
     table = {
         "time_embed.0": ("time_embedding.linear_1", same),
         "time_embed.2": ("time_embedding.linear_2", same),
+        "label_emb.0.0": ("add_embedding.linear_1", same),  # SDXL
+        "label_emb.0.2": ("add_embedding.linear_2", same),
         "input_blocks.0.0": ("conv_in", same),
         "middle_block.0": ("mid_block.resnets.0", UNET_RESBLOCK),
         "middle_block.1": ("mid_block.attentions.0", same),

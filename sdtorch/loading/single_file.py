@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from sdtorch.config import ModelConfig
 from sdtorch.families import family_of
 from sdtorch.loading.build import NetworkSource
-from sdtorch.loading.detect import CONFIG_METADATA_KEY, detect_config, normalise_names
-from sdtorch.loading.openclip import has_openclip_tower, openclip_blocks, translate
+from sdtorch.loading.detect import CONFIG_METADATA_KEY, detect_config, is_sdxl, normalise_names
+from sdtorch.loading.openclip import SDXL_OPENCLIP, SDXL_OURS, has_openclip_tower, openclip_blocks, translate
 from sdtorch.loading.reader import open_tensors
-from sdtorch.model import NETWORKS, StableDiffusion
+from sdtorch.model import StableDiffusion, networks_of
 
 
 def save_checkpoint(model: StableDiffusion, path: str | os.PathLike) -> None:
@@ -29,19 +29,23 @@ def save_checkpoint(model: StableDiffusion, path: str | os.PathLike) -> None:
 def plan_single_file(path: Path) -> tuple[ModelConfig, dict[str, NetworkSource]]:
     file = open_tensors(path)
     tensors, stored_as = file.tensors, {}
-    openclip = has_openclip_tower(tensors)
-    if openclip:  # SD 2.x: the OpenCLIP tower under our CLIP names, its last block left out
+    sdxl = is_sdxl(tensors)
+    openclip = not sdxl and has_openclip_tower(tensors)
+    if sdxl:  # SDXL: the bigG tower under our CLIP names, every block and the projection kept
+        tensors, stored_as = translate(tensors, openclip_blocks(tensors, SDXL_OPENCLIP), SDXL_OPENCLIP, SDXL_OURS,
+                                       projection=True)
+    elif openclip:  # SD 2.x: the OpenCLIP tower under our CLIP names, its last block left out
         keep = openclip_blocks(tensors) - 1
         if CONFIG_METADATA_KEY in file.metadata:
             keep = ModelConfig.from_dict(json.loads(file.metadata[CONFIG_METADATA_KEY])).text.layers
         tensors, stored_as = translate(tensors, keep)
     renamed = normalise_names(list(tensors))
     shapes = {renamed[name]: entry.shape for name, entry in tensors.items()}
-    config = detect_config(shapes, file.metadata, path, openclip=openclip)
+    config = detect_config(shapes, file.metadata, path, openclip=openclip, sdxl=sdxl)
     if openclip and CONFIG_METADATA_KEY not in file.metadata:
         config = _sd2_prediction(config, tensors)
     family = family_of(config.family)
-    sources = {name: NetworkSource() for name in NETWORKS}
+    sources = {name: NetworkSource() for name in networks_of(config)}
     for stored, entry in tensors.items():
         name = renamed[stored]
         if name.startswith(family.tolerated):

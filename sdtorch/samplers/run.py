@@ -25,7 +25,7 @@ from .kdiffusion_samplers import BrownianTreeNoise, _restart_segments
 from .noise import NoiseSource
 from .registry import SamplerEntry, resolve_schedule, sampler_entry
 from .schedule_types import DiscreteSigmas, a1111_sigmas
-from .schedules import leading_timesteps, sigma_grid
+from .schedules import leading_timesteps, sigma_grid, spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,11 @@ def sample(
 
 def _sample_sigmas(entry: SamplerEntry, denoiser, noise, steps, start, schedule, init_latents, noise_source, report):
     """Build the method's sigma grid and starting x (VE), then run its loop from sigmas[start]."""
+    spacing, n_train = denoiser.schedule.spacing, denoiser.schedule.num_train_timesteps
     grid = sigma_grid(
         denoiser.schedule,
-        entry.timesteps(steps, denoiser.schedule.num_train_timesteps),
+        entry.timesteps(steps, n_train) if spacing is None else spaced_timesteps(spacing, steps, n_train,
+                                                                                 solver=entry.solver),
         karras=schedule == "karras",
         round_karras_timesteps=entry.round_karras_timesteps,
         karras_over_training_range=entry.solver,
@@ -107,7 +109,9 @@ def _sample_sigmas(entry: SamplerEntry, denoiser, noise, steps, start, schedule,
     sigmas = grid.sigmas
     if init_latents is not None:
         x = init_latents + noise * sigmas[start]
-    elif entry.solver:  # unit-variance VP noise, not noise * sigma_max
+    elif entry.solver or spacing == "leading":
+        # unit-variance VP noise, not noise * sigma_max: DPM-Solver's start, and that of diffusers' Euler-type
+        # schedulers (their `init_noise_sigma`) under 'leading' spacing
         x = noise * (sigmas[0] ** 2 + 1) ** 0.5
     else:
         x = noise * sigmas[0]
@@ -124,6 +128,9 @@ def _sample_timesteps(entry: SamplerEntry, denoiser, noise, steps, start, eta, i
     """Build the method's timestep list and starting x (VP), then run its loop from the start-th step."""
     n_train = denoiser.schedule.num_train_timesteps
     alphas_cumprod = denoiser.schedule.alphas_cumprod
+    if denoiser.schedule.spacing not in (None, "leading"):
+        raise SdtorchError(f"{entry.name} runs on 'leading' timesteps only, and this model's scheduler config asks "
+                           f"for {denoiser.schedule.spacing!r}; use a sigma sampler (euler, dpmpp_2m, ...)")
     timesteps = leading_timesteps(steps, n_train)
     if entry.repeat_second_timestep:  # PLMS's warm start evaluates t1 twice: t0, t1, t1, t2, ...
         timesteps = torch.cat([timesteps[:2], timesteps[1:]])

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from sdtorch.diffusion import NoiseSchedule
+from sdtorch.errors import SdtorchError
 
 STEPS_OFFSET = 1  # SD's scheduler configs: 'leading' timesteps end at t=1, not t=0
 
@@ -47,6 +48,32 @@ def linspace_timesteps(steps: int, num_train_timesteps: int) -> Tensor:
 def solver_timesteps(steps: int, num_train_timesteps: int) -> Tensor:
     """DPM-Solver / UniPC 'linspace': steps+1 points over [0, N-1] rounded, the final t=0 dropped."""
     return _linspace(0, num_train_timesteps - 1, steps + 1).round().flip(0)[:-1].to(torch.int64)
+
+
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def spaced_timesteps(spacing: str, steps: int, num_train_timesteps: int, *, solver: bool = False) -> Tensor:
+    """A scheduler config's `timestep_spacing` for the sigma samplers, as diffusers lays it out (Lin et al. 2023,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2). 'leading' (SDXL's config):
+    i * (N // steps) + 1; 'trailing': N - i * N / steps, rounded, - 1; descending. The DPM-Solver family
+    (`solver`) spaces steps + 1 points and drops the last; it keeps integer timesteps."""
+    n = num_train_timesteps
+    if spacing == "linspace":
+        return solver_timesteps(steps, n) if solver else linspace_timesteps(steps, n)
+    points = steps + 1 if solver else steps
+    i = torch.arange(points, dtype=torch.float64)
+    if spacing == "leading":
+        t = (i * (n // points)).round().flip(0) + STEPS_OFFSET
+    elif spacing == "trailing":
+        t = (n - i * (n / steps)).round() - 1
+        points = steps  # numpy's arange(N, 0, -N/steps) stops above 0
+        t = t[:points]
+    else:
+        raise SdtorchError(f"unknown timestep spacing {spacing!r}; accepted: {', '.join(SPACINGS)}")
+    if solver:
+        return (t[:-1] if spacing == "leading" else t).to(torch.int64)
+    return t.float()
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
