@@ -1,6 +1,8 @@
 """sdtorch against diffusers on the same random SD 1.5 weights, in the same run.
 
-    python bench/bench.py [--quick] [--dtypes fp32 bf16] [--steps 20]
+    python bench/bench.py [--quick] [--dtypes fp32 bf16] [--steps 20] [--rounds 3]
+        [--variants default stored compile nchw-vae ...] [--weights stored] [--compile]
+        [--channels-last-vae on|off] [--keep-freed]
 
 Writes a random fp16 checkpoint with the exact layout of SD 1.5, then, for each dtype, runs ours
 and diffusers in fresh processes (so each one's peak memory is its own) on the same inputs:
@@ -8,6 +10,12 @@ text encoder (batch 2), one UNet step at batch 2 (CFG's cond + uncond) at 256x25
 image sizes, a VAE decode at 512x512, and a whole 512x512 txt2img of `--steps` Euler steps.
 Times are medians over repeats after a warm-up; the table gives ours / diffusers ratios
 (below 1: we are faster or leaner). Needs the dev extras (diffusers, transformers).
+
+Runtime techniques are measured as sdtorch variants beside diffusers in the same run: each
+`--variants` name (see VARIANTS) is one more sdtorch worker, with its own column and ratio; the
+`--weights`, `--compile`, `--channels-last-vae` and `--keep-freed` flags change the "default" one.
+`--rounds N` runs every worker N times, alternating, and reports the median of the rounds. With
+`compile`, `compile_s` is the time spent compiling (the first call of each shape).
 """
 
 from __future__ import annotations
@@ -25,6 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the oracles' set-up is shared with the parity tests
 
 PROMPT = "a photograph of an astronaut riding a horse"
+# sdtorch runtime variants: Pipeline.load's runtime options (sdtorch.runtime). The CLI's `generate` also keeps
+# freed memory (keep_freed); Pipeline.load, and so "default" here, does not.
+VARIANTS = {
+    "default": {},
+    "compute": {"weights": "compute"},  # every weight widened to the compute dtype
+    "stored": {"weights": "stored"},  # 16-bit weights kept as stored, widened per layer (exact)
+    "compile": {"compile": True},  # torch.compile of the UNet (inductor, no freezing)
+    "nchw-vae": {"vae_channels_last": False},  # the VAE decoder in the default layout
+    "cl-vae": {"vae_channels_last": True},
+    "cl-unet": {"unet_channels_last": True},  # the UNet's weights and activations channels-last
+    "keep-freed": {"keep_freed": True},
+    "stored+keep-freed": {"weights": "stored", "keep_freed": True},
+    "fast": {"compile": True, "keep_freed": True},
+}
 
 
 def timed(fn, repeats: int) -> float:
@@ -43,9 +65,10 @@ def peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def worker(impl: str, checkpoint: str, dtype_name: str, steps: int, quick: bool) -> dict:
+def worker(impl: str, checkpoint: str, dtype_name: str, steps: int, quick: bool, options: dict | None = None) -> dict:
     import torch
 
+    options = dict(options or {})
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     # Repeats after the warm-up: more for the short measurements, where noise matters most.
@@ -62,7 +85,7 @@ def worker(impl: str, checkpoint: str, dtype_name: str, steps: int, quick: bool)
     if impl == "sdtorch":
         from sdtorch.pipeline import Pipeline
 
-        pipe = Pipeline.load(checkpoint, device="cpu", dtype=dtype_name)
+        pipe = Pipeline.load(checkpoint, device="cpu", dtype=dtype_name, **options)
         model = pipe.model
         results["load_s"] = time.perf_counter() - started
         with torch.no_grad():
@@ -101,6 +124,10 @@ def worker(impl: str, checkpoint: str, dtype_name: str, steps: int, quick: bool)
     txt2img()
     results[f"txt2img_512_{steps}steps_s"] = time.perf_counter() - start
     results["peak_rss_gb"] = peak_rss_bytes() / 1e9
+    if impl == "sdtorch" and options.get("compile"):
+        from sdtorch.runtime import compile_seconds
+
+        results["compile_s"] = compile_seconds()
     return results
 
 
@@ -109,44 +136,88 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="run every worker this many times, alternating")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                        help="sdtorch runtime variants to measure beside diffusers")
+    parser.add_argument("--weights", choices=["compute", "stored"], help="the default variant's weights mode")
+    parser.add_argument("--compile", action="store_true", help="the default variant compiles its UNet")
+    parser.add_argument("--channels-last-vae", choices=["on", "off"], help="the default variant's VAE decoder layout")
+    parser.add_argument("--keep-freed", action="store_true", help="the default variant's allocator keeps freed memory")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.worker:
         impl, checkpoint, dtype = args.worker
-        print(json.dumps(worker(impl, checkpoint, dtype, args.steps, args.quick)))
+        print(json.dumps(worker(impl, checkpoint, dtype, args.steps, args.quick, json.loads(args.options))))
         return
 
     import torch
     from oracles import SD15_KEYS, random_sd15_state
     from safetensors.torch import save_file
 
-    results = {}
+    default = {"weights": args.weights, "compile": args.compile or None, "keep_freed": args.keep_freed or None,
+               "vae_channels_last": {"on": True, "off": False}.get(args.channels_last_vae)}
+    variants = {name: dict(VARIANTS[name]) for name in args.variants}
+    if "default" in variants:
+        variants["default"] = {k: v for k, v in default.items() if v is not None}
+    workers = [(f"sdtorch:{name}", "sdtorch", options) for name, options in variants.items()]
+    workers.append(("diffusers", "diffusers", {}))
+    samples: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "random-sd15.safetensors"
         save_file(random_sd15_state(json.loads(SD15_KEYS.read_text()), torch.float16), str(checkpoint))
-        for dtype in args.dtypes:
-            for impl in ("sdtorch", "diffusers"):
-                command = [sys.executable, __file__, "--worker", impl, str(checkpoint), dtype]
-                command += ["--steps", str(args.steps)] + (["--quick"] if args.quick else [])
-                print(f"running {impl} {dtype} ...", file=sys.stderr, flush=True)
-                out = subprocess.run(command, capture_output=True, text=True, check=True)
-                results[(impl, dtype)] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(table(results, args.dtypes, torch.get_num_threads()))
+        for round_ in range(args.rounds):
+            for dtype in args.dtypes:
+                order = workers if round_ % 2 == 0 else workers[::-1]
+                for label, impl, options in order:
+                    command = [sys.executable, __file__, "--worker", impl, str(checkpoint), dtype]
+                    command += ["--steps", str(args.steps), "--options", json.dumps(options)]
+                    command += ["--quick"] if args.quick else []
+                    print(f"round {round_ + 1}: running {label} {dtype} {options or ''} ...", file=sys.stderr,
+                          flush=True)
+                    out = subprocess.run(command, capture_output=True, text=True, check=True)
+                    samples.setdefault((label, dtype), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {key: _median(runs) for key, runs in samples.items()}
+    labels = [label for label, _, _ in workers]
+    print(table(results, args.dtypes, labels, torch.get_num_threads(), args.rounds))
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{i}/{d}": r for (i, d), r in results.items()}, indent=2))
+        Path(args.json).write_text(json.dumps({f"{i}/{d}": r for (i, d), r in samples.items()}, indent=2))
 
 
-def table(results: dict, dtypes: list[str], threads: int) -> str:
-    rows = ["| measurement | dtype | sdtorch | diffusers | ratio |", "| --- | --- | ---: | ---: | ---: |"]
+def _median(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs if key in run) for key in runs[0]}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    except OSError:
+        name = "unknown"
+    import torch
+
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def table(results: dict, dtypes: list[str], labels: list[str], threads: int, rounds: int = 1) -> str:
+    ours = [label for label in labels if label != "diffusers"]
+    head = " | ".join(ours)
+    ratios = " | ".join(f"{label.removeprefix('sdtorch:')} / diffusers" for label in ours)
+    rows = [f"| measurement | dtype | {head} | diffusers | {ratios} |",
+            "| --- | --- |" + " ---: |" * (2 * len(ours) + 1)]
     for dtype in dtypes:
-        ours, theirs = results[("sdtorch", dtype)], results[("diffusers", dtype)]
-        for key in ours:
+        theirs = results[("diffusers", dtype)]
+        keys = list(dict.fromkeys(k for label in ours for k in results[(label, dtype)]))
+        for key in keys:
             unit = "GB" if key.endswith("_gb") else "s"
             name = key.removesuffix("_s").removesuffix("_gb")
-            ratio = ours[key] / theirs[key]
-            rows.append(f"| {name} | {dtype} | {ours[key]:.2f} {unit} | {theirs[key]:.2f} {unit} | {ratio:.2f} |")
-    return f"CPU threads: {threads}\n\n" + "\n".join(rows)
+            values = [results[(label, dtype)].get(key) for label in ours]
+            cells = " | ".join("-" if v is None else f"{v:.2f} {unit}" for v in values)
+            base = theirs.get(key)
+            ratio = " | ".join("-" if v is None or not base else f"{v / base:.2f}" for v in values)
+            rows.append(f"| {name} | {dtype} | {cells} | {'-' if base is None else f'{base:.2f} {unit}'} | {ratio} |")
+    return f"CPU: {cpu_name()}; threads: {threads}; medians of {rounds} round(s)\n\n" + "\n".join(rows)
 
 
 if __name__ == "__main__":

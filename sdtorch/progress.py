@@ -30,6 +30,9 @@ class StepProgress:
             self.bar.close()
 
     def update(self, event: StepEvent) -> None:
+        if self.bar is not None and self.bar.n >= self.bar.total:  # a run after the first (a chunk, a hires pass)
+            self.bar.close()
+            self.bar = None
         if self.bar is None:
             self.bar = tqdm(total=event.total, desc=self.label, unit="step", disable=self.disable)
         self.bar.update(1)

@@ -1,8 +1,22 @@
-"""Where and how the networks run: device and dtype now, later tiling, caching and compilation.
-Every runtime option is resolved here, in one place, rather than at each call site."""
+"""Where and how the networks run: device, dtype, how weights are held, layout and compilation.
+Every runtime option is resolved here, in one place, rather than at each call site.
+
+- dtype: fp16 on GPUs; on the CPU bf16 where the CPU computes it natively (AVX512-BF16, AMX, Arm's
+  bf16), fp32 elsewhere (emulated bf16 runs 10-50x slower than fp32).
+- weights: "compute" widens every weight to the dtype; "stored" keeps a 16-bit file's large weights
+  as stored and widens them per layer when computing in fp32 (`sdtorch.stored_weights`: the same
+  numbers, half the weight memory).
+- compile: `torch.compile` (inductor, no freezing, static shapes) of the UNet; it compiles at the first
+  step of each new shape, and `compile_seconds()` says how long compiling has taken so far.
+- vae_channels_last: the VAE's layout (None: channels-last on the CPU, `vae.Decoder`).
+- keep_freed: `keep_freed_memory()` at load (whole-process; the CLI's one-shot `generate` asks for it).
+- unet_channels_last: the UNet's weights (and so its activations) channels-last; off unless asked,
+  as it measured about even with the default layout on AVX2 (the VAE gains, the UNet hardly).
+"""
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -30,7 +44,11 @@ def pick_device(device: str = "auto") -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX on x86, the bf16 extension on Arm);
-    elsewhere PyTorch emulates it, many times slower than fp32."""
+    elsewhere PyTorch emulates it, many times slower than fp32. PyTorch's own CPU probe first (what
+    its kernels dispatch on), then the kernel's flags."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    if any(getattr(torch.cpu, probe, lambda: False)() for probe in probes):
+        return True
     try:
         with open("/proc/cpuinfo") as info:
             flags = {flag for line in info if line.startswith(("flags", "Features")) for flag in line.split()}
@@ -40,8 +58,70 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """Half precision where GPUs are made for it; fp32 on the CPU, where fp16 is slow."""
-    return "fp32" if device.type == "cpu" else "fp16"
+    """Half precision where GPUs are made for it; on the CPU bf16 where it is native, else fp32
+    (fp16 and emulated bf16 are slow there)."""
+    if device.type != "cpu":
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def default_weights(device: torch.device, dtype: str) -> str:
+    """How weights are held unless asked: widened at load. "stored" halves the weight memory of an
+    fp16 file run in fp32 (the same numbers) but widens 860M UNet weights at every step, which measured
+    about 1.2x the CPU time of a UNet call at 32x32 latents on 2 AVX2 cores (some 1.05x expected at
+    64x64), so it is asked for, not assumed."""
+    return "compute"
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the kernel: blocks up
+    to 1 GiB come from the heap instead of fresh mmaps (M_MMAP_THRESHOLD) and the heap is never
+    trimmed (M_TRIM_THRESHOLD). Every large activation and per-layer cast otherwise arrives as fresh
+    pages, each one faulted and zeroed by the kernel (some 6 million page faults in a 4-step 512x512
+    generation). The process's memory then stays near its peak after the peak has passed. Whole-process
+    and one-way; returns whether it took effect (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, ctypes.c_int(2**30)) and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
+
+
+_COMPILE_SECONDS = 0.0
+
+
+def compile_seconds() -> float:
+    """Seconds spent so far in this process compiling networks (`Runtime(compile=True)`)."""
+    return _COMPILE_SECONDS
+
+
+def _compile(net: torch.nn.Module) -> None:
+    """Compile `net`'s forward in place (its names, parameters and state dict stay), inductor without
+    freezing: freezing folds the weights into the graph, which LoRA changes in place, and it measured
+    slower here. The first call of each new input shape compiles; its time is added to `compile_seconds`."""
+    if getattr(net, "_sdtorch_compiled", False):
+        return
+    compiled = torch.compile(net.forward, dynamic=False)
+    shapes: set[tuple] = set()
+
+    def forward(*args, **kwargs):
+        global _COMPILE_SECONDS
+        key = tuple((tuple(a.shape), a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if key in shapes:
+            return compiled(*args, **kwargs)
+        started = time.perf_counter()
+        out = compiled(*args, **kwargs)
+        _COMPILE_SECONDS += time.perf_counter() - started  # a first call: nearly all of it compiling
+        shapes.add(key)
+        return out
+
+    net.forward = forward  # this instance only: hooks and the module's own call path stay eager
+    net._sdtorch_compiled = True
 
 
 @dataclass(frozen=True)
@@ -50,9 +130,17 @@ class Runtime:
 
     device: torch.device
     dtype: str  # "fp32", "fp16" or "bf16"
+    weights: str = "compute"  # "compute" or "stored"
+    compile: bool = False
+    vae_channels_last: bool | None = None  # None: channels-last on the CPU
+    unet_channels_last: bool = False
+    keep_freed: bool = False  # the allocator keeps freed memory (process-wide, see keep_freed_memory)
 
     @classmethod
-    def choose(cls, device: str = "auto", dtype: str | None = None) -> Runtime:
+    def choose(
+        cls, device: str = "auto", dtype: str | None = None, *, weights: str | None = None, compile: bool = False,
+        vae_channels_last: bool | None = None, unet_channels_last: bool = False, keep_freed: bool = False,
+    ) -> Runtime:
         target = pick_device(device)
         if target.type == "cpu" and dtype == "bf16" and not cpu_has_native_bf16():
             warnings.warn(
@@ -60,4 +148,22 @@ class Runtime:
                 "slower than fp32; leave --dtype out for fp32",
                 stacklevel=2,
             )
-        return cls(target, dtype or default_dtype(target))
+        if weights not in (None, "compute", "stored"):
+            raise SdtorchError(f"unknown weights mode {weights!r}; accepted: compute, stored")
+        dtype = dtype or default_dtype(target)
+        return cls(target, dtype, weights or default_weights(target, dtype), compile, vae_channels_last,
+                   unet_channels_last, keep_freed)
+
+    def apply(self, model):
+        """Put the options that act after loading on `model` (a `StableDiffusion`, in place): the
+        allocator, the layouts and compilation. Returns the model."""
+        if self.keep_freed:
+            keep_freed_memory()
+        if self.vae_channels_last is not None:
+            layout = torch.channels_last if self.vae_channels_last else torch.contiguous_format
+            model.vae.encoder.memory_format = model.vae.decoder.memory_format = layout
+        if self.unet_channels_last:  # convolutions follow their weights' layout, so the activations do too
+            model.unet.to(memory_format=torch.channels_last)
+        if self.compile:
+            _compile(model.unet)
+        return model

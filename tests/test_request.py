@@ -99,7 +99,7 @@ def test_a_record_needs_a_resolved_single_image_request():
         (dict(seed=True), "seed must be"),
         (dict(clip_skip=0), "clip skip"),
         (dict(prompt=None), "prompt must be text"),
-        (dict(width=8192, height=8192, batch=2), "too large for one call"),
+        (dict(width=16384, height=8192), "too large for one image"),
         (dict(init_image=Image.new("RGB", (4, 4))), "needs at least 8x8"),
         (dict(init_image=Image.new("RGB", (32, 32)), strength=0.0), "strength must be in (0, 1]"),
         (dict(init_image=Image.new("RGB", (32, 32)), strength=0.05, steps=10), "runs no step"),

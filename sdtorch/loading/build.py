@@ -1,6 +1,9 @@
 """Turn a plan (which stored tensor feeds which parameter) into networks: every name and shape is
 checked against the architecture before any weight is read, then each tensor is read once,
-converted, and assigned in place, so loading never holds two copies of the weights."""
+converted, and assigned in place, so loading never holds two copies of the weights.
+
+`weights="stored"` keeps the large layers' 16-bit weights as the file stores them when the model
+computes in fp32 (`sdtorch.stored_weights`: exact, half the memory); "compute" converts them all."""
 
 from __future__ import annotations
 
@@ -9,14 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from sdtorch import stored_weights
 from sdtorch.config import ModelConfig
 from sdtorch.errors import CheckpointError, SdtorchError
 from sdtorch.families import family_of
 from sdtorch.loading.reader import TensorEntry
-from sdtorch.model import NETWORKS, StableDiffusion
+from sdtorch.model import StableDiffusion, networks_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS = ("compute", "stored")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -37,23 +44,57 @@ class NetworkSource:
     unexpected: list[str] = field(default_factory=list)
 
 
+def parse_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise SdtorchError(f"unknown weights mode {weights!r}; accepted: {', '.join(WEIGHTS)}")
+    return weights
+
+
 def assemble(
-    config: ModelConfig, sources: dict[str, NetworkSource], path: Path, dtype: torch.dtype, device
+    config: ModelConfig, sources: dict[str, NetworkSource], path: Path, dtype: torch.dtype, device,
+    weights: str = "compute",
 ) -> StableDiffusion:
     networks = _build(config, sources, path)
     for name, net in networks.items():
-        _read_weights(net, sources[name], dtype, device)
+        _read_weights(net, sources[name], dtype, device, weights)
     return StableDiffusion(config=config, source=os.fspath(path), **networks)
+
+
+# Initialising a network on the meta device computes nothing, yet costs: nn.init.normal_ on a meta
+# tensor goes through a Python reference that imports torch._dynamo (2-3 s on a cold process).
+# The weights are read from the file right after, so the initialisers are skipped there.
+_INITIALISERS = {
+    nn.init.normal_, nn.init.uniform_, nn.init.trunc_normal_, nn.init.constant_, nn.init.ones_, nn.init.zeros_,
+    nn.init.kaiming_uniform_, nn.init.kaiming_normal_, nn.init.xavier_uniform_, nn.init.xavier_normal_,
+    torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+}
+
+
+class _NoInit(TorchFunctionMode):
+    """Within it, weight initialisers given a meta tensor return it untouched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INITIALISERS:
+            tensor = args[0] if args else kwargs.get("tensor", kwargs.get("self"))
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def build_on_meta(kind: type[nn.Module], config) -> nn.Module:
+    """`kind(config)` with every tensor on the meta device and no initialiser run."""
+    with torch.device("meta"), _NoInit():
+        return kind(config)
 
 
 def _build(config: ModelConfig, sources: dict[str, NetworkSource], path: Path) -> dict[str, torch.nn.Module]:
     """Networks on the meta device, after checking every name and shape against the sources."""
     networks, missing, unexpected, misshapen = {}, [], [], []
     prefixes = family_of(config.family).prefixes
-    for net_name, (kind, part) in NETWORKS.items():
+    for net_name, (kind, part) in networks_of(config).items():
         prefix = prefixes[net_name]
-        with torch.device("meta"):
-            net = kind(getattr(config, part))
+        net = build_on_meta(kind, getattr(config, part))
         source = sources[net_name]
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         # Absent from a diffusers folder, a name is reported as we call it, with the network's prefix.
@@ -79,11 +120,17 @@ def _fits(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     return stored == expected or (expected[2:] == (1, 1) and stored == expected[:2])
 
 
-def _read_weights(net: torch.nn.Module, source: NetworkSource, dtype: torch.dtype, device) -> None:
+def _read_weights(
+    net: torch.nn.Module, source: NetworkSource, dtype: torch.dtype, device, weights: str = "compute"
+) -> None:
+    storable = stored_weights.storable_names(net) if parse_weights(weights) == "stored" else set()
     state = {}
     for name, param in net.state_dict().items():
-        tensor = source.entries[name].read().reshape(param.shape)
-        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+        entry = source.entries[name]
+        keep = name in storable and stored_weights.keeps_exactly(entry.dtype, dtype)
+        tensor = entry.read_as(None if keep else dtype).reshape(param.shape)
+        state[name] = tensor.to(device=device)
     net.load_state_dict(state, assign=True, strict=True)
+    stored_weights.keep_stored(net, dtype)
     net.eval().requires_grad_(False)
 

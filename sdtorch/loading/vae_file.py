@@ -20,6 +20,7 @@ from sdtorch.loading.diffusers_folder import _weight_files
 from sdtorch.loading.hashing import model_hash
 from sdtorch.loading.reader import TensorEntry, TensorFile, open_tensors
 from sdtorch.model import StableDiffusion
+from sdtorch.stored_weights import compute_dtype, keeps_stored
 from sdtorch.vae import AutoencoderKL
 
 # What full (unpruned) VAE checkpoints carry besides the weights: the training loss, EMA copies.
@@ -65,8 +66,9 @@ def load_vae(path: str | os.PathLike, model: StableDiffusion) -> AutoencoderKL:
         if name != "vae":
             sources[name] = _as_source(net)
     vae = _build(model.config, sources, path)["vae"]
-    param = next(model.vae.parameters())
-    _read_weights(vae, source, param.dtype, param.device)
+    param = next(model.vae.parameters())  # the new VAE is held and computes as the model's own
+    weights = "stored" if keeps_stored(model.vae) else "compute"
+    _read_weights(vae, source, compute_dtype(model.vae), param.device, weights)
     return vae
 
 

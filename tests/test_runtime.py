@@ -1,0 +1,269 @@
+"""Runtime options: the default dtype per CPU, weights kept as stored (bit-identical to a wide load,
+with LoRA, `.to()` and a swapped VAE), the VAE decoder's layout, compilation, and the load path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from oracles import kohya_lora, make_diffusers_folder, randomise_
+from safetensors.torch import save_file
+
+from sdtorch import runtime, stored_weights
+from sdtorch.adapters.lora import apply_loras, load_lora
+from sdtorch.config import TINY
+from sdtorch.loading import load_model, save_checkpoint
+from sdtorch.loading.reader import open_tensors
+from sdtorch.model import StableDiffusion
+from sdtorch.runtime import Runtime, default_dtype
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """A tiny random SD 1.x file stored in fp16, and a kohya LoRA for it."""
+    root = tmp_path_factory.mktemp("stored")
+    unet, _, text = make_diffusers_folder(root / "folder")
+    model = load_model(root / "folder", dtype=torch.float16)
+    save_checkpoint(model, root / "tiny16.safetensors")
+    save_file(kohya_lora(unet, text), str(root / "lora.safetensors"))
+    return root / "tiny16.safetensors", root / "lora.safetensors"
+
+
+def _inputs(cfg, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        ids=torch.randint(0, cfg.text.vocab_size, (2, 77), generator=g),
+        x=torch.randn(2, cfg.unet.in_channels, size, size, generator=g),
+        t=torch.tensor([500.0, 20.0]),
+        z=torch.randn(1, cfg.vae.latent_channels, size, size, generator=g),
+    )
+
+
+@torch.no_grad()
+def _outputs(model, inputs):
+    context = model.text_encoder(inputs["ids"])
+    return context, model.unet(inputs["x"].to(model.dtype), inputs["t"], context), model.vae.decode(
+        inputs["z"].to(model.dtype))
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for net in model.networks().values() for p in net.parameters())
+
+
+# 1. The default dtype for the CPU it runs on.
+
+def test_default_dtype_follows_the_cpu(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert default_dtype(torch.device("cpu")) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert default_dtype(torch.device("cpu")) == "fp32"
+    assert default_dtype(torch.device("cuda")) == "fp16"
+    assert Runtime.choose("cpu").dtype == "fp32"
+    assert Runtime.choose("cpu", "fp16").dtype == "fp16"  # --dtype overrides
+
+
+def test_emulated_bf16_warns_once_in_one_line(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert Runtime.choose("cpu", "bf16").dtype == "bf16"
+    assert len(caught) == 1 and "\n" not in str(caught[0].message) and "slower" in str(caught[0].message)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime.choose("cpu", "bf16")
+
+
+def test_native_bf16_probe_agrees_with_torch():
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        assert runtime.cpu_has_native_bf16()
+
+
+# 2. Weights kept as stored, computed in fp32.
+
+def test_stored_weights_are_bit_identical_to_a_wide_load(tiny16):
+    path, _ = tiny16
+    wide, kept = load_model(path), load_model(path, weights="stored")
+    assert kept.dtype == wide.dtype == torch.float32
+    assert isinstance(kept.unet.time_embed[0], stored_weights.StoredLinear)
+    assert kept.unet.time_embed[0].weight.dtype == torch.float16
+    assert kept.text_encoder.embeddings.token_embedding.weight.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for n, p in kept.unet.named_parameters() if "norm" in n)
+    assert _weight_bytes(kept) < 0.6 * _weight_bytes(wide)
+    inputs = _inputs(TINY)
+    for a, b in zip(_outputs(wide, inputs), _outputs(kept, inputs), strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    # the state dict keeps its names (hashing, saving, LoRA targets see the same model)
+    assert list(kept.state_dict()) == list(wide.state_dict())
+
+
+def test_stored_weights_only_where_exact(tiny16):
+    path, _ = tiny16
+    half = load_model(path, dtype=torch.float16, weights="stored")  # nothing to widen: plain fp16
+    assert not stored_weights.keeps_stored(half.unet) and half.dtype == torch.float16
+    bf16 = load_model(path, dtype=torch.bfloat16, weights="stored")  # fp16 -> bf16 is not exact: converted
+    assert all(p.dtype == torch.bfloat16 for p in bf16.unet.parameters())
+
+
+def test_stored_weights_follow_to(tiny16):
+    path, _ = tiny16
+    wide, kept = load_model(path), load_model(path, weights="stored")
+    inputs = _inputs(TINY)
+    expected = _outputs(wide, inputs)
+    kept.to(device="cpu")  # a move keeps them stored
+    assert stored_weights.keeps_stored(kept.unet)
+    kept.to(dtype=torch.float16)  # a conversion converts everything, as for any model
+    assert kept.dtype == torch.float16 and all(p.dtype == torch.float16 for p in kept.unet.parameters())
+    kept.to(dtype=torch.float32)
+    assert not stored_weights.keeps_stored(kept.unet)
+    for a, b in zip(expected, _outputs(kept, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_lora_on_stored_weights_matches_a_wide_load_and_restores(tiny16):
+    path, lora_path = tiny16
+    wide, kept = load_model(path), load_model(path, weights="stored")
+    lora = load_lora(lora_path)
+    inputs = _inputs(TINY)
+    before = {n: (p.clone(), p.data_ptr(), p.dtype) for n, p in kept.unet.state_dict().items()}
+    base = _outputs(kept, inputs)
+    with apply_loras(wide, [(lora, 0.8)]), apply_loras(kept, [(lora, 0.8)]):
+        merged_wide, merged_kept = _outputs(wide, inputs), _outputs(kept, inputs)
+        assert not torch.equal(merged_kept[1], base[1])
+    for a, b in zip(merged_wide, merged_kept, strict=True):
+        assert torch.equal(a, b)
+    for name, tensor in kept.unet.state_dict().items():  # restored bit-exactly, in place, still 16-bit
+        value, pointer, dtype = before[name]
+        assert torch.equal(tensor, value) and tensor.data_ptr() == pointer and tensor.dtype == dtype, name
+    for a, b in zip(base, _outputs(kept, inputs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_swapped_vae_is_held_as_the_model_holds_its_own(tiny16, tmp_path):
+    from sdtorch.loading.vae_file import use_vae
+
+    path, _ = tiny16
+    kept = load_model(path, weights="stored")
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in load_model(path, dtype=torch.float16).vae.state_dict().items()},
+              str(vae_file))
+    use_vae(kept, vae_file)
+    assert stored_weights.keeps_stored(kept.vae) and stored_weights.compute_dtype(kept.vae) == torch.float32
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_sd15_unet_stored_is_bit_identical_and_half_the_memory(sd15_file):
+    """SD 1.5's own layer shapes (and so its kernels) at a small latent size: kept as stored, then
+    the same model widened in place (exact), give the same numbers."""
+    model = load_model(sd15_file, weights="stored")
+    unet_bytes = sum(p.numel() * p.element_size() for p in model.unet.parameters())
+    assert unet_bytes < 0.51 * 4 * sum(p.numel() for p in model.unet.parameters())
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        kept = model.unet(x, t, context)
+        model.unet.to(dtype=torch.float32)
+        assert model.unet.time_embed[0].weight.dtype == torch.float32
+        wide = model.unet(x, t, context)
+    assert torch.equal(kept, wide)
+
+
+def test_stored_load_peak_memory_in_a_fresh_process(sd15_file):
+    """Kept as stored, an fp16 SD 1.5 file loads for fp32 compute at about half the fp32 footprint."""
+    child = (
+        "import json, sys; from sdtorch.loading import load_model; "
+        "m = load_model(sys.argv[1], weights=sys.argv[2]); "
+        "peak = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024; "
+        "print(json.dumps(peak))"
+    )
+    peaks = {}
+    for weights in ("stored", "compute"):
+        out = subprocess.run([sys.executable, "-c", child, str(sd15_file), weights], capture_output=True, text=True,
+                             check=True)
+        peaks[weights] = json.loads(out.stdout)
+    assert peaks["stored"] < 0.65 * peaks["compute"], peaks
+
+
+# 3. The same maths, faster layouts and kernels.
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_vae_channels_last_matches_nchw(part):
+    model = StableDiffusion.random(TINY)
+    randomise_(model.vae, seed=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, TINY.vae.latent_channels, 16, 16, generator=g) if part == "decoder" else \
+        torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    net = getattr(model.vae, part)
+    with torch.no_grad():
+        net.memory_format = torch.contiguous_format
+        nchw = net(x)
+        net.memory_format = None  # the default: channels-last on the CPU
+        default = net(x)
+        net.memory_format = torch.channels_last
+        cl = net(x)
+    assert torch.equal(default, cl) and default.is_contiguous()
+    assert (cl - nchw).abs().max().item() < 1e-4
+
+
+def test_runtime_apply_sets_the_layout_and_keeps_it_over_a_vae_swap(tiny16):
+    from sdtorch.pipeline import Pipeline
+
+    path, _ = tiny16
+    pipe = Pipeline.load(path, device="cpu", vae_channels_last=False)
+    vae = pipe.model.vae
+    assert vae.encoder.memory_format == vae.decoder.memory_format == torch.contiguous_format
+    pipe.use_vae(path)
+    assert pipe.model.vae is not vae
+    assert pipe.model.vae.encoder.memory_format == pipe.model.vae.decoder.memory_format == torch.contiguous_format
+
+
+def test_unet_channels_last_is_the_same_model(tiny16):
+    path, lora_path = tiny16
+    plain, cl = load_model(path), Runtime.choose("cpu", unet_channels_last=True).apply(load_model(path))
+    assert cl.unet.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    inputs = _inputs(TINY)
+    with apply_loras(plain, [(load_lora(lora_path), 0.5)]), apply_loras(cl, [(load_lora(lora_path), 0.5)]):
+        a, b = _outputs(plain, inputs)[1], _outputs(cl, inputs)[1]
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_compile_is_the_same_model(tiny16):
+    pytest.importorskip("torch._inductor")
+    path, _ = tiny16
+    model = load_model(path)
+    inputs = _inputs(TINY, size=8)
+    with torch.no_grad():
+        context = model.text_encoder(inputs["ids"])
+        eager = model.unet(inputs["x"], inputs["t"], context)
+        before = runtime.compile_seconds()
+        Runtime.choose("cpu", compile=True).apply(model)
+        compiled = model.unet(inputs["x"], inputs["t"], context)
+        spent = runtime.compile_seconds() - before
+        again = model.unet(inputs["x"], inputs["t"], context)
+    assert spent > 0 and runtime.compile_seconds() - before == spent  # only the first call of a shape counts
+    assert (compiled - eager).abs().max().item() < 1e-4 and torch.equal(compiled, again)
+    assert list(model.unet.state_dict()) == list(load_model(path).unet.state_dict())
+
+
+# 6. The load path.
+
+def test_read_as_converts_exactly(tiny16):
+    path, _ = tiny16
+    file = open_tensors(path)
+    for entry in list(file.tensors.values())[:40]:
+        if entry.dtype.is_floating_point:
+            assert torch.equal(entry.read_as(torch.float32), entry.read().to(torch.float32))
+            assert entry.read_as(entry.dtype).dtype == entry.dtype
+
+
+def test_loading_does_not_import_the_compiler(tiny16):
+    """Initialising networks on the meta device used to import torch._dynamo (seconds, every load)."""
+    path, _ = tiny16
+    child = ("import sys; from sdtorch.loading import load_model; load_model(sys.argv[1]); "
+             "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
