@@ -1,9 +1,10 @@
 """Hires fix (A1111's "Hires. fix"): generate at the base size, upscale, then image-to-image at the large size.
 
 The upscale is in latent space ("latent": bilinear, "latent-bicubic"), or in pixel space through the VAE
-("lanczos", "nearest": decode, resize the picture, encode again). The second pass runs `hires_steps` steps
-(0: as many as the first) at `hires_strength` (A1111's "Denoising strength" of a hires record), from fresh
-noise at the large size drawn from the same per-image generators.
+("lanczos", "nearest": decode, resize the picture, encode again); by a scale, or to a width and/or height
+(`hires_target`; both given, the picture is upscaled to cover them and cropped). The second pass runs
+`hires_steps` steps (0: as many as the first) at `hires_strength` (A1111's "Denoising strength" of a hires
+record), from fresh noise at the large size drawn from the same per-image generators.
 """
 
 from __future__ import annotations
@@ -27,6 +28,34 @@ def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 
 
+def hires_target(request) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(the size the first pass is upscaled to, the second pass's size) of a request with its size set, as A1111's
+    `calculate_target_resolution` has them: by `hires_scale`; or to `hires_width` or `hires_height` alone, the
+    other side following the aspect ratio; or to both, upscaled to cover them (aspect kept), then cropped to
+    them about the centre. Upscaled sides are rounded down to multiples of 8."""
+    width, height = request.width, request.height
+    to_x, to_y = request.hires_width, request.hires_height
+    if to_x is None and to_y is None:
+        size = hires_size(width, height, request.hires_scale)
+        return size, size
+    if to_y is None:
+        size = to_x, to_x * height // width // 8 * 8
+        return size, size
+    if to_x is None:
+        size = to_y * width // height // 8 * 8, to_y
+        return size, size
+    if width / height < to_x / to_y:  # the picture is taller than the target: fit the width, crop the height
+        return (to_x, to_x * height // width // 8 * 8), (to_x, to_y)
+    return (to_y * width // height // 8 * 8, to_y), (to_x, to_y)
+
+
+def crop_latents(latents: Tensor, width: int, height: int, downscale: int) -> Tensor:
+    """(B, C, h, w) -> (B, C, height / f, width / f): the centre, the odd latent row or column taken off the
+    far side (A1111's truncate_x / truncate_y slice)."""
+    ty, tx = latents.shape[2] - height // downscale, latents.shape[3] - width // downscale
+    return latents[:, :, ty // 2:ty // 2 + height // downscale, tx // 2:tx // 2 + width // downscale]
+
+
 def upscale(model, latents: Tensor, upscaler: str, width: int, height: int) -> Tensor:
     """UNet-scale latents (B, C, h, w) -> latents at (width, height) pixels, by `upscaler`."""
     f = model.latent_format.downscale
@@ -40,16 +69,17 @@ def upscale(model, latents: Tensor, upscaler: str, width: int, height: int) -> T
 
 
 def hires_pass(pipe, request, latents: Tensor, cond, uncond, generators, callback) -> Tensor:
-    """The second pass of a resolved request with `hires_scale`: the final latents at the large size."""
+    """The second pass of a resolved request with the hires fix: the final latents at the large size."""
     from sdtorch.samplers import GeneratorNoise, sample
 
     model = pipe.model
-    width, height = hires_size(request.width, request.height, request.hires_scale)
-    init_latents = upscale(model, latents, request.hires_upscaler, width, height)
+    upscaled, (width, height) = hires_target(request)
     f = model.latent_format.downscale
+    init_latents = crop_latents(upscale(model, latents, request.hires_upscaler, *upscaled), width, height, f)
     shape = (1, model.latent_format.channels, height // f, width // f)
     noise = torch.cat([GeneratorNoise(torch.empty(shape), g)() for g in generators]).to(model.device)
-    denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch),
+    denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch,
+                                         model.latent_format.downscale),
                         model.schedule, model.config.prediction_type)
     return sample(
         request.sampler, denoiser, noise, request.hires_steps or request.steps, schedule=request.schedule,

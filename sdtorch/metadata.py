@@ -374,7 +374,7 @@ def params_of(
         model_hash=model_hash,
         model=model_name,
         denoising_strength=request.strength if request.img2img else
-        (request.hires_strength if request.hires_scale is not None else None),
+        (request.hires_strength if request.hires else None),
         extra=extra,
     )
 
@@ -388,8 +388,9 @@ _HIRES_UPSCALER_LABELS = {"latent": "Latent", "latent-bicubic": "Latent (bicubic
 
 def _inpaint_hires_record(request: GenerationRequest) -> dict[str, str]:
     """What A1111 records of inpainting ("Mask blur", "Inpaint area", "Masked area padding"; we add "Masked
-    content" and "Mask mode" as its UI names them, and "Outpaint") and of the hires fix ("Hires upscale",
-    "Hires steps", "Hires upscaler"; its strength is the record's "Denoising strength")."""
+    content" and "Mask mode" as its UI names them, and "Outpaint"), of the hires fix ("Hires upscale", or "Hires
+    resize" WxH with 0 for a side left to the aspect ratio; "Hires steps", "Hires upscaler"; its strength is the
+    record's "Denoising strength") and of the decoder ("VAE Decoder: TAESD", as A1111 writes a TAESD decode)."""
     record = {}
     if request.mask is not None or request.outpaint is not None:
         if request.mask_blur:
@@ -402,11 +403,16 @@ def _inpaint_hires_record(request: GenerationRequest) -> dict[str, str]:
         record["Masked content"] = _MASKED_CONTENT_LABELS[request.masked_content]
         if request.invert_mask:
             record["Mask mode"] = "Inpaint not masked"
-    if request.hires_scale is not None:
-        record["Hires upscale"] = _number(request.hires_scale)
+    if request.hires:
+        if request.hires_scale is not None:
+            record["Hires upscale"] = _number(request.hires_scale)
+        else:
+            record["Hires resize"] = f"{request.hires_width or 0}x{request.hires_height or 0}"
         if request.hires_steps:
             record["Hires steps"] = str(request.hires_steps)
         record["Hires upscaler"] = _HIRES_UPSCALER_LABELS[request.hires_upscaler]
+    if request.decoder == "taesd":
+        record["VAE Decoder"] = "TAESD"
     return record
 
 
@@ -415,8 +421,14 @@ def _inpaint_hires_fields(extra: dict[str, str], fields: dict) -> None:
     from `extra`); an A1111 record's stay options, said by foreign_metadata as not applied."""
     content = {label: ours for ours, label in _MASKED_CONTENT_LABELS.items()}
     upscaler = {label: ours for ours, label in _HIRES_UPSCALER_LABELS.items()}
-    if "Hires upscale" in extra and extra.get("Hires upscaler", "Latent") in upscaler:
-        fields["hires_scale"] = _convert("Hires upscale", extra.pop("Hires upscale"), float)
+    resize = re.fullmatch(r"(\d+)x(\d+)", extra.get("Hires resize", "").strip())
+    if ("Hires upscale" in extra or resize) and extra.get("Hires upscaler", "Latent") in upscaler:
+        if resize:  # A1111 writes the resize instead of the scale; 0: the side follows the aspect ratio
+            extra.pop("Hires resize")
+            extra.pop("Hires upscale", None)
+            fields["hires_width"], fields["hires_height"] = (int(v) or None for v in resize.groups())
+        else:
+            fields["hires_scale"] = _convert("Hires upscale", extra.pop("Hires upscale"), float)
         fields["hires_upscaler"] = upscaler[extra.pop("Hires upscaler", "Latent")]
         if "Hires steps" in extra:
             fields["hires_steps"] = _convert("Hires steps", extra.pop("Hires steps"), int)
@@ -488,6 +500,8 @@ def request_fields(params: GenerationParams) -> dict:
             fields[_NUMERIC_OPTIONS[key]] = _convert(key, value, kind)
         elif key == "Emphasis" and value in _EMPHASIS_FROM_LABEL:
             fields["emphasis"] = _EMPHASIS_FROM_LABEL[value]
+        elif key == "VAE Decoder" and value.lower() == "taesd":  # A1111's sd_vae_decode_method, when not Full
+            fields["decoder"] = "taesd"
         else:
             options[key] = value
     if options:

@@ -97,3 +97,72 @@ def test_outpainting_keeps_the_picture_and_paints_the_new_strip(pipe, tmp_path):
                      "--out", str(out_png)]) == 0
     assert np.array_equal(levels(Image.open(out_png)), out)
     assert read_png_parameters(out_png).extra["Outpaint"] == "0,16,8,0"
+
+
+@pytest.mark.parametrize("base, resize, upscaled, final", [
+    ((16, 16), (40, None), (40, 40), (40, 40)),  # a width alone: the height follows the aspect ratio
+    ((24, 16), (None, 32), (48, 32), (48, 32)),  # a height alone
+    ((16, 16), (48, 32), (48, 48), (48, 32)),  # both, wider than the picture: cover the width, crop the height
+    ((16, 24), (32, 32), (32, 48), (32, 32)),
+    ((24, 16), (32, 32), (48, 32), (32, 32)),  # taller than the picture: cover the height, crop the width
+])
+def test_hires_target_as_a1111_computes_it(base, resize, upscaled, final):
+    from sdtorch.hires import hires_target
+    from sdtorch.request import GenerationRequest
+
+    request = GenerationRequest(width=base[0], height=base[1], hires_width=resize[0], hires_height=resize[1])
+    assert request.hires and hires_target(request) == (upscaled, final)
+    assert hires_target(GenerationRequest(width=16, height=24, hires_scale=1.5)) == ((24, 36 // 8 * 8),) * 2
+
+
+def test_hires_to_a_width_and_height_crops_the_centre_and_is_recorded_as_a1111(pipe):
+    import torch.nn.functional as F
+
+    settings = dict(steps=3, sampler="euler", seed=5, width=16, height=16, hires_steps=20, hires_strength=0.05,
+                    progress=False)
+    both = pipe.generate(PROMPT, hires_width=48, hires_height=32, **settings)  # upscaled to 48x48, cropped
+    assert both.images[0].size == (48, 32) and both.request.width == 16
+    f = pipe.model.latent_format.downscale
+    base = pipe.generate(PROMPT, **{k: v for k, v in settings.items() if not k.startswith("hires")})
+    covered = F.interpolate(base.latents, size=(48 // f, 48 // f), mode="bilinear")
+    top = (48 // f - 32 // f) // 2
+    centre, shifted = covered[:, :, top:top + 32 // f], covered[:, :, :32 // f]
+    near = (both.latents - centre).abs().mean().item()
+    assert near < 0.25 * (both.latents - shifted).abs().mean().item(), near  # the centre, not the top
+
+    text = infotext(both.per_image()[0])
+    assert "Hires resize: 48x32" in text and "Hires upscale:" not in text
+    fields = request_fields(parse_parameters(text))
+    assert (fields["hires_width"], fields["hires_height"], fields.get("hires_scale")) == (48, 32, None)
+    one = pipe.generate(PROMPT, hires_width=40, **settings)
+    assert one.images[0].size == (40, 40)
+    assert "Hires resize: 40x0" in infotext(one.per_image()[0])
+    fields = request_fields(parse_parameters(infotext(one.per_image()[0])))
+    assert (fields["hires_width"], fields["hires_height"]) == (40, None)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(hires_width=44), "hires width 44 is not accepted"),
+    (dict(hires_scale=2, hires_height=32), "a scale or a width/height"),
+    (dict(width=512, height=16, hires_width=64), "too small"),
+    (dict(hires_width=16384, hires_height=16384, batch=2), "too large for one image"),
+])
+def test_bad_hires_sizes_are_one_line_errors(pipe, settings, message):
+    with pytest.raises(SdtorchError, match=message):
+        pipe.generate(PROMPT, **{"steps": 2, "seed": 1, "progress": False} | settings)
+
+
+def test_cli_hires_width_and_from_png_with_a_scale_on_top(pipe, tmp_path):
+    out = tmp_path / "hires.png"
+    common = ["--model", str(pipe.model_path), "--steps", "2", "--seed", "3", "--width", "16", "--height", "16",
+              "--quiet"]
+    assert cli.main(["generate", PROMPT, *common, "--hires-width", "32", "--hires-height", "24", "--hires-strength",
+                     "0.5", "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 24)
+    assert read_png_parameters(out).extra["Hires resize"] == "32x24"
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from-png", str(out), *common, "--out", str(again)]) == 0
+    assert np.array_equal(levels(Image.open(again)), levels(Image.open(out)))
+    scaled = tmp_path / "scaled.png"  # a scale given beside the record replaces its resize
+    assert cli.main(["generate", "--from-png", str(out), *common, "--hires-scale", "2", "--out", str(scaled)]) == 0
+    assert Image.open(scaled).size == (32, 32) and read_png_parameters(scaled).extra["Hires upscale"] == "2"

@@ -158,9 +158,32 @@ def test_every_field_is_nullable_and_defaults_are_a1111s(server):
     assert (info["steps"], info["cfg_scale"], info["sampler_name"], info["scheduler"]) == (50, 7.0, "Euler", "Uniform")
     assert r.json()["parameters"]["steps"] is None and "an_unknown_field" not in r.json()["parameters"]
     assert info["sdtorch"]["ignored"] == []
-    hires = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64,
-                                                                    "height": 64, "enable_hr": True})
-    assert json.loads(hires.json()["info"])["sdtorch"]["ignored"] == ["enable_hr"]  # said, not hidden
+    hires = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64,
+                                                                    "height": 64, "enable_hr": True, "hr_scale": 1.5,
+                                                                    "hr_sampler_name": "DPM++ 2M"})
+    assert hires.status_code == 200, hires.text
+    info = json.loads(hires.json()["info"])
+    assert "Hires upscale: 1.5" in info["infotexts"][0] and info["denoising_strength"] == 0.75
+    assert info["sdtorch"]["ignored"] == ["hr_sampler_name"]  # a second-pass sampler: said, not hidden
+
+
+def test_txt2img_hires_fix_is_the_cli_image(server, tmp_path):
+    """A1111's enable_hr with hr_resize_x/hr_resize_y equals `sdtorch generate --hires-width/--hires-height`."""
+    result = client(server).txt2img(prompt=PROMPT, seed=4, steps=4, cfg_scale=4, width=64, height=64,
+                                    sampler_name="Euler", scheduler="Uniform", enable_hr=True, hr_resize_x=96,
+                                    hr_resize_y=80,
+                                    hr_upscaler=webuiapi.HiResUpscaler.Latent, denoising_strength=0.5)
+    assert result.image.size == (96, 80)
+    text = png_parameters(result.image)
+    assert "Hires resize: 96x80" in text and "Denoising strength: 0.5" in text and "Size: 64x64" in text
+    done = run_cli("generate", PROMPT, "--seed", 4, "--steps", 4, "--cfg", 4, "--sampler", "euler", "--width", 64,
+                   "--height", 64, "--hires-width", 96, "--hires-height", 80, "--hires-strength", 0.5, "--quiet",
+                   "--out", tmp_path / "cli.png")
+    assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")), np.asarray(result.image))
+    bad = requests.post(server.url + "/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                                                  "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"})
+    expect_envelope(bad, 400, "hr_upscaler", "Latent (bicubic)")
 
 
 def test_img2img_is_the_cli_image(server, tmp_path):

@@ -122,3 +122,78 @@ def test_generate_save_steps_with_the_taesd_preview(tiny_checkpoint, tmp_path, c
                      "--out", str(tmp_path / "b.png")]) == 0
     strip = Image.open(tmp_path / "s" / "strip.png")
     assert strip.size == (2 * 32 + 2, 3 * 32 + 2 * 2)  # latents, prediction and the TAESD preview below them
+
+
+def test_decoder_taesd_decodes_the_final_latents_and_is_recorded_as_a1111(tiny_checkpoint, taesd, tmp_path, capsys):
+    from PIL import Image
+
+    from sdtorch import cli
+    from sdtorch.errors import SdtorchError
+    from sdtorch.images import to_pil
+    from sdtorch.metadata import infotext, parse_parameters, read_png_parameters, request_fields
+    from sdtorch.pipeline import Pipeline
+
+    settings = dict(steps=2, seed=4, width=32, height=24, progress=False)
+    plain = Pipeline.load(tiny_checkpoint)
+    with pytest.raises(SdtorchError, match='decoder "taesd" needs TAESD'):  # before sampling, one line
+        plain.generate("a red circle", decoder="taesd", **settings)
+    pipe = Pipeline.load(tiny_checkpoint, taesd=TAESD_DIR)
+    fast = pipe.generate("a red circle", decoder="taesd", **settings)
+    full = pipe.generate("a red circle", **settings)
+    assert torch.equal(fast.latents, full.latents)  # the same sampling; only the decode differs
+    assert np.array_equal(np.asarray(fast.images[0]), np.asarray(to_pil(taesd.decode(fast.latents))[0]))
+    assert not np.array_equal(np.asarray(fast.images[0]), np.asarray(full.images[0]))
+    text = infotext(fast.per_image()[0])
+    assert "VAE Decoder: TAESD" in text and "VAE Decoder" not in infotext(full.per_image()[0])
+    assert request_fields(parse_parameters(text))["decoder"] == "taesd"
+
+    # The command line: --decoder taesd with --taesd; --from-png of its record needs --taesd or --decoder vae.
+    common = ["--model", str(tiny_checkpoint), "--steps", "2", "--seed", "4", "--width", "32", "--height", "24",
+              "--quiet"]
+    out = tmp_path / "fast.png"
+    assert cli.main(["generate", "a red circle", *common, "--decoder", "taesd", "--out", str(out)]) == 2
+    assert "--decoder taesd needs --taesd PATH" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["generate", "a red circle", *common, "--decoder", "taesd", "--taesd", str(TAESD_DIR),
+                     "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(fast.images[0]))
+    assert read_png_parameters(out).extra["VAE Decoder"] == "TAESD"
+    assert cli.main(["generate", "--from-png", str(out), *common, "--out", str(tmp_path / "again.png")]) == 2
+    assert "was decoded by TAESD" in capsys.readouterr().err
+    assert cli.main(["generate", "--from-png", str(out), *common, "--decoder", "vae",
+                     "--out", str(tmp_path / "full.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "full.png").convert("RGB")), np.asarray(full.images[0]))
+
+
+def test_server_previews_through_taesd_and_decodes_with_it_when_asked(tiny_checkpoint):
+    import base64
+    import io
+    import json
+
+    import requests
+    from PIL import Image
+
+    from sdtorch.server.background import BackgroundServer
+
+    body = {"prompt": "a red circle", "steps": 3, "seed": 2, "width": 32, "height": 32}
+    with BackgroundServer(model=tiny_checkpoint, taesd=TAESD_DIR) as server:
+        assert requests.get(server.url + "/sdapi/v1/options").json()["show_progress_type"] == "TAESD"
+        job = requests.post(server.url + "/api/jobs", json=body).json()
+        kinds = set()
+        with requests.get(server.url + job["events"], stream=True, timeout=120) as stream:
+            for line in stream.iter_lines(decode_unicode=True):
+                if line.startswith("data: ") and '"preview_kind"' in line:
+                    kinds.add(json.loads(line[6:])["preview_kind"])
+                if line.startswith("event: done"):
+                    break
+        assert kinds == {"taesd"}
+        fast = requests.post(server.url + "/sdapi/v1/txt2img",
+                             json=body | {"override_settings": {"sd_vae_decode_method": "TAESD"}}).json()
+        info = json.loads(fast["info"])
+        assert "VAE Decoder: TAESD" in info["infotexts"][0] and info["sdtorch"]["ignored"] == []
+        full = requests.post(server.url + "/sdapi/v1/txt2img", json=body).json()
+        images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["images"][0])))) for r in (fast, full)]
+        assert not np.array_equal(*images)
+    with BackgroundServer(model=tiny_checkpoint) as server:  # no --taesd: said in one line, a 400
+        r = requests.post(server.url + "/sdapi/v1/txt2img",
+                          json=body | {"override_settings": {"sd_vae_decode_method": "TAESD"}})
+        assert r.status_code == 400 and "taesd" in r.json()["detail"].lower()

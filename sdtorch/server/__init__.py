@@ -33,7 +33,11 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
                        help="LoRA files that prompts name as <lora:NAME:WEIGHT>")
     serve.add_argument("--embeddings-dir", metavar="DIR", help="textual-inversion embeddings, used by name in prompts")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp32 on the CPU, fp16 on a GPU")
+    serve.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp16 on a GPU; on the CPU bf16 "
+                       "where it is native (AVX512-BF16, AMX), else fp32")
+    serve.add_argument("--taesd", metavar="PATH", help="TAESD weights (a folder with taesd_decoder.safetensors): the "
+                       "live preview decodes through it, and requests may ask for a TAESD final decode "
+                       "(override_settings.sd_vae_decode_method: TAESD)")
     return serve
 
 
@@ -57,7 +61,7 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or ("0.0.0.0" if args.listen else "127.0.0.1")
     registry = ModelRegistry(args.model, args.models)
     jobs = JobQueue(registry, queue_size=args.queue_size, device=args.device, dtype=args.dtype,
-                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                    lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, taesd=args.taesd)
     print(f"sdtorch: loading {registry.default().title} ...", flush=True)
     jobs.start()
     flags = {"listen": args.listen, "port": args.port, "host": host, "queue_size": args.queue_size,

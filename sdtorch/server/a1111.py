@@ -2,8 +2,10 @@
 
 Requests are pydantic models with A1111's fields and defaults (those of its processing classes and
 API models, v1.9/1.10): every field optional and nullable, unknown fields ignored, numbers coerced
-as pydantic does (20.0 and "20" are 20; 20.5 is a 422). Fields sdtorch cannot honour yet (hires
-fix, face restoration, scripts, subseeds, ...) are accepted and listed under "sdtorch.ignored" in
+as pydantic does (20.0 and "20" are 20; 20.5 is a 422). The hires fix (`enable_hr`, `hr_scale` or
+`hr_resize_x`/`hr_resize_y`, `hr_upscaler`, `hr_second_pass_steps`, `denoising_strength`) and inpainting
+(`mask` and its fields) map onto the request. Fields sdtorch cannot honour yet (face restoration, scripts,
+subseeds, a second-pass sampler or prompt, ...) are accepted and listed under "sdtorch.ignored" in
 `info`, so a client is never silently misled about what it got.
 
 Sampler names follow A1111's `get_sampler_and_scheduler`: `sampler_name` (or the legacy
@@ -225,8 +227,16 @@ def _value(value, default):
 
 def _ignored(body: _Common, sampler: str) -> list[str]:
     ignored = []
+    hires = bool(getattr(body, "enable_hr", False))
     checks = {
-        "enable_hr": bool(getattr(body, "enable_hr", False)), "restore_faces": bool(body.restore_faces),
+        "hr_sampler_name": hires and body.hr_sampler_name not in (None, "", "Use same sampler", body.sampler_name),
+        "hr_scheduler": hires and body.hr_scheduler not in (None, "", "Use same scheduler", body.scheduler),
+        "hr_prompt": hires and body.hr_prompt not in (None, "", body.prompt),
+        "hr_negative_prompt": hires and body.hr_negative_prompt not in (None, "", body.negative_prompt),
+        "hr_checkpoint_name": hires and bool(body.hr_checkpoint_name),
+        "firstphase_width": hires and bool(body.firstphase_width),
+        "firstphase_height": hires and bool(body.firstphase_height),
+        "restore_faces": bool(body.restore_faces),
         "tiling": bool(body.tiling), "subseed_strength": bool(body.subseed_strength),
         "styles": bool(body.styles), "script_name": bool(body.script_name),
         "alwayson_scripts": bool(body.alwayson_scripts), "refiner_checkpoint": bool(body.refiner_checkpoint),
@@ -238,7 +248,7 @@ def _ignored(body: _Common, sampler: str) -> list[str]:
     }
     ignored += [name for name, used in checks.items() if used]
     for key in (body.override_settings or {}):
-        if key not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_ddim"):
+        if key not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_ddim", "sd_vae_decode_method"):
             ignored.append(f"override_settings.{key}")
     return ignored
 
@@ -260,6 +270,7 @@ def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Subm
         steps=_value(body.steps, 50), cfg_scale=_value(body.cfg_scale, 7.0), sampler=sampler, schedule=schedule,
         seed=None if seed == -1 else seed, width=_value(body.width, 512), height=_value(body.height, 512),
         batch=_value(body.batch_size, 1), eta=eta, clip_skip=clip,
+        decoder=_decoder(overrides.get("sd_vae_decode_method", "Full")),
     )
     iterations = _value(body.n_iter, 1)
     if not isinstance(iterations, int) or iterations < 1 or fields["batch"] * iterations > MAX_IMAGES:
@@ -279,6 +290,8 @@ def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Subm
         fields |= {"init_image": image, "strength": _value(body.denoising_strength, 0.75)}
         if body.mask:
             fields |= _inpaint_fields(body, image.size, max_pixels)
+    elif isinstance(body, Txt2ImgRequest) and body.enable_hr:
+        fields |= _hires_fields(body)
     try:
         request = GenerationRequest(**fields)
         request.validate()
@@ -286,6 +299,35 @@ def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Subm
         raise ApiError(422, str(e), error="ValidationError") from None
     return Submission(request.with_seed(), iterations, model,
                       not _value(body.override_settings_restore_afterwards, True), _ignored(body, sampler))
+
+
+def _decoder(method) -> str:
+    """A1111's sd_vae_decode_method ("Full", "TAESD") -> the request's decoder."""
+    if not isinstance(method, str) or method.lower() not in ("full", "taesd"):
+        raise ApiError(422, f"override_settings.sd_vae_decode_method must be 'Full' or 'TAESD', got {method!r}",
+                       error="ValidationError")
+    return "vae" if method.lower() == "full" else "taesd"
+
+
+# A1111's hires upscaler names (`hr_upscaler`; its latent_upscale_modes and pixel upscalers) -> ours. A null is
+# A1111's default, its "Latent"; its pixel upscaler "None" upscales nothing and then resizes with Lanczos.
+HIRES_UPSCALERS = {"latent": "latent", "latent (bicubic)": "latent-bicubic", "lanczos": "lanczos",
+                   "nearest": "nearest", "none": "lanczos"}
+
+
+def _hires_fields(body: Txt2ImgRequest) -> dict:
+    """A1111's hires fix fields -> the request's: a scale, or hr_resize_x / hr_resize_y (0: that side follows the
+    aspect ratio; A1111 then ignores hr_scale), the upscaler, the second pass's steps and denoising strength."""
+    name = body.hr_upscaler or "Latent"
+    if name.lower() not in HIRES_UPSCALERS:
+        raise ApiError(400, f"hr_upscaler {name!r} is not available; valid: Latent, Latent (bicubic), Lanczos, "
+                            "Nearest, None")
+    fields = {"hires_upscaler": HIRES_UPSCALERS[name.lower()], "hires_steps": _value(body.hr_second_pass_steps, 0),
+              "hires_strength": _value(body.denoising_strength, 0.75)}
+    resize_x, resize_y = _value(body.hr_resize_x, 0), _value(body.hr_resize_y, 0)
+    if resize_x or resize_y:
+        return fields | {"hires_width": resize_x or None, "hires_height": resize_y or None}
+    return fields | {"hires_scale": _value(body.hr_scale, 2.0)}
 
 
 # A1111's `inpainting_fill` numbers -> our masked-content names.
@@ -346,7 +388,7 @@ def info(job, body: _Common, ignored: list[str]) -> str:
         "sd_model_hash": entry.short_hash if entry else None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": _value(body.seed_resize_from_w, -1),
         "seed_resize_from_h": _value(body.seed_resize_from_h, -1),
-        "denoising_strength": first.strength if first.img2img else None,
+        "denoising_strength": first.strength if first.img2img else (first.hires_strength if first.hires else None),
         "extra_generation_params": {"Schedule type": schedule} if schedule else {},
         "index_of_first_image": 0, "infotexts": [o.infotext for o in outputs], "styles": body.styles or [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.started or job.created)),
@@ -411,9 +453,7 @@ def upscalers() -> list[dict]:
             for name in ("None", "Lanczos", "Nearest")]
 
 
-LATENT_UPSCALE_MODES = [{"name": n} for n in ("Latent", "Latent (antialiased)", "Latent (bicubic)",
-                                               "Latent (bicubic antialiased)", "Latent (nearest)",
-                                               "Latent (nearest-exact)")]
+LATENT_UPSCALE_MODES = [{"name": n} for n in ("Latent", "Latent (bicubic)")]  # those the hires fix takes
 
 
 def memory() -> dict:

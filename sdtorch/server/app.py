@@ -197,9 +197,14 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
     # --- generation --------------------------------------------------------------------------
 
     def check_size(request) -> None:
-        pixels = (request.width or 0) * (request.height or 0) * request.batch
+        width, height = request.width or 0, request.height or 0
+        if request.hires and width and height:  # the hires fix's large size (the request is validated)
+            from sdtorch.hires import hires_target
+
+            (width, height), _ = hires_target(request)
+        pixels = width * height * request.batch
         if pixels > max_generation_pixels:
-            raise ApiError(422, f"{request.batch} x {request.width}x{request.height} pixels is over this server's "
+            raise ApiError(422, f"{request.batch} x {width}x{height} pixels is over this server's "
                                 f"limit of {max_generation_pixels:,} pixels per batch", error="ValidationError")
         try:
             request.validate(jobs.model)
@@ -273,7 +278,8 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
         return {"sd_model_checkpoint": entry.title, "sd_checkpoint_hash": entry.sha256, "sd_vae": "Automatic",
                 "CLIP_stop_at_last_layers": jobs.clip_skip, "eta_ddim": 0.0, "eta_ancestral": 1.0,
                 "samples_format": "png", "live_previews_enable": True, "show_progress_every_n_steps": 1,
-                "show_progress_type": "Approx cheap", "face_restoration_model": None,
+                "show_progress_type": "TAESD" if jobs.taesd else "Approx cheap", "face_restoration_model": None,
+                "sd_vae_decode_method": "Full",
                 "img2img_color_correction": False, "sdtorch_version": a1111.VERSION}
 
     @app.get("/sdapi/v1/options")

@@ -20,13 +20,13 @@ from .models import ModelRegistry
 class BackgroundServer:
     def __init__(self, *, model=None, models_dir=None, queue_size: int = 16, device: str = "cpu",
                  dtype: str | None = None, host: str = "127.0.0.1", lora_dir=None, embeddings_dir=None,
-                 **app_options):
+                 taesd=None, **app_options):
         import uvicorn
 
         from .app import create_app
 
         self.jobs = JobQueue(ModelRegistry(model, models_dir), queue_size=queue_size, device=device,
-                             dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir).start()
+                             dtype=dtype, lora_dir=lora_dir, embeddings_dir=embeddings_dir, taesd=taesd).start()
         self.app = create_app(self.jobs, **app_options)
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

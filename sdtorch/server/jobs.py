@@ -1,7 +1,8 @@
 """Generations in order: one worker thread owns the loaded pipeline and runs jobs first in, first out.
 
 A `Job` is one request (of `iterations` batches, A1111's n_iter); it reports every step (a cheap
-latent preview, and a full VAE decode every few steps when asked) to whoever watches: A1111's
+latent preview, TAESD's decode when the server has `--taesd`, and a full VAE decode every few steps when
+asked) to whoever watches: A1111's
 global /progress, and our per-job event streams. Interrupt and skip are flags the step callback
 checks after each step; it raises `Stopped`, and the worker decodes the last predicted latents, so
 an interrupted job still returns what it had (as A1111 does). Model switches are tasks in the
@@ -268,13 +269,14 @@ class JobQueue:
 
     def __init__(self, registry: ModelRegistry, *, queue_size: int = 16, device: str = "auto",
                  dtype: str | None = None, keep_finished: int = 64, lora_dir: str | None = None,
-                 embeddings_dir: str | None = None):
+                 embeddings_dir: str | None = None, taesd: str | None = None):
         if queue_size < 1:
             raise SdtorchError(f"--queue-size must be at least 1, got {queue_size}")
         self.registry = registry
         self.queue_size = queue_size
         self.device, self.dtype = device, dtype
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
+        self.taesd = taesd  # TAESD weights: every model's live preview, and decoder="taesd" requests
         self.default_entry: ModelEntry = registry.default()
         self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers: the clip skip of requests that give none
         self.current: Job | None = None
@@ -284,7 +286,7 @@ class JobQueue:
         self._thread: threading.Thread | None = None
         self._pipe: Pipeline | None = None
         self._pipe_entry: ModelEntry | None = None
-        self._previews: dict[tuple, LatentPreview] = {}
+        self._previews: dict[tuple, tuple[object, str]] = {}  # (preview, its kind) per model
         self._seconds_per_job = 1.0
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # those of our own API, for lookups
         self._keep_finished = keep_finished
@@ -444,14 +446,19 @@ class JobQueue:
             return self._pipe
         started = time.perf_counter()
         pipe = Pipeline.load(entry.path, device=self.device, dtype=self.dtype, lora_dir=self.lora_dir,
-                             embeddings_dir=self.embeddings_dir)
+                             embeddings_dir=self.embeddings_dir, taesd=self.taesd)
         for warning in pipe.adapters.warnings:
             log.warning("%s", warning)
         if entry.short_hash:
             pipe.__dict__["model_hash"] = entry.short_hash  # computed already: seed the cached property
         key = (entry.path, entry.sha256)
         if key not in self._previews:
-            self._previews[key] = LatentPreview.fit(pipe.model.vae)
+            if pipe.taesd is not None:
+                from sdtorch.taesd import TAESDPreview
+
+                self._previews[key] = TAESDPreview(pipe.taesd), "taesd"
+            else:
+                self._previews[key] = LatentPreview.fit(pipe.model.vae), "cheap"
         self._pipe, self._pipe_entry = pipe, entry
         gc.collect()
         log.info("loaded %s in %.1f s", entry.title, time.perf_counter() - started)
@@ -513,7 +520,8 @@ class JobQueue:
                 seconds = time.time() - job.started
                 self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
 
-    def _callback(self, job: Job, pipe: Pipeline, preview: LatentPreview, last: list[StepEvent]):
+    def _callback(self, job: Job, pipe: Pipeline, preview: tuple[object, str], last: list[StepEvent]):
+        preview, preview_kind = preview
         def callback(event: StepEvent) -> None:
             last[:] = [event]
             job.total = event.total
@@ -521,7 +529,7 @@ class JobQueue:
             if every and (event.step + 1) % every == 0 and event.step + 1 < event.total:
                 frame, kind = tile(to_pil(pipe.decode(event.denoised))), "full"
             else:
-                frame, kind = tile(preview(event.denoised)), "cheap"
+                frame, kind = tile(preview(event.denoised)), preview_kind
             with job._lock:
                 job.preview, job.preview_kind = frame, kind
                 job.preview_id += 1

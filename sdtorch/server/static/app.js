@@ -138,7 +138,8 @@ async function generate(submitEvent) {
     const event = JSON.parse(e.data);
     $("preview").src = event.preview;
     $("preview-caption").textContent = `step ${event.step}/${event.total}: ` +
-      (event.preview_kind === "full" ? "the prediction, decoded by the VAE" : "the prediction, fast latent preview");
+      ({ full: "the prediction, decoded by the VAE", taesd: "the prediction, decoded by TAESD" }[event.preview_kind]
+        || "the prediction, fast latent preview");
     showProgress(event.progress, stepText(event));
   });
   source.addEventListener("done", (e) => {
