@@ -28,7 +28,8 @@ REQUEST_OPTIONS = {
     "mask_blur": "mask_blur", "invert_mask": "invert_mask", "masked_content": "masked_content",
     "inpaint_area": "inpaint_area", "inpaint_padding": "inpaint_padding", "outpaint": "outpaint",
     "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_strength": "hires_strength",
-    "hires_upscaler": "hires_upscaler",
+    "hires_upscaler": "hires_upscaler", "hires_width": "hires_width", "hires_height": "hires_height",
+    "decoder": "decoder",
 }
 DEFAULTS = GenerationRequest()
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="text-to-image, or image-to-image with --init-image")
     gen.add_argument("prompt", nargs="?",
                      help="what to draw (\"\" for an unconditional image; not needed with --from-png)")
-    gen.add_argument("--model", help="SD 1.x checkpoint (.safetensors, .ckpt) or diffusers folder; "
+    gen.add_argument("--model", help="SD 1.x, 2.x or SDXL checkpoint (.safetensors, .ckpt) or diffusers folder; "
                      "default: the model embedded in sdtorch")
     gen.add_argument("--negative", help="negative prompt (default: empty)")
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULTS.steps})")
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "left, right, top, bottom (multiples of 8) and paint the new area")
     gen.add_argument("--hires-scale", type=float, help="hires fix: generate at the size, upscale by this factor, "
                      "then refine at the large size (image-to-image)")
+    gen.add_argument("--hires-width", type=int, help="hires fix to this width instead of a scale (a multiple of 8; "
+                     "alone, the height follows the aspect ratio; with --hires-height, upscaled to cover both, "
+                     "then cropped to them, as A1111's 'Resize width to')")
+    gen.add_argument("--hires-height", type=int, help="hires fix to this height instead of a scale (see --hires-width)")
     gen.add_argument("--hires-steps", type=int, help="steps of the hires pass (default 0: as many as --steps)")
     gen.add_argument("--hires-strength", type=float, help=f"denoising strength of the hires pass "
                      f"(default {DEFAULTS.hires_strength})")
@@ -107,12 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default; a colour map fitted to the VAE) or taesd (the tiny autoencoder; needs --taesd)")
     gen.add_argument("--taesd", metavar="PATH", help="TAESD weights: a folder with taesd_decoder.safetensors "
                      "(or .pth), or the decoder file")
+    gen.add_argument("--decoder", choices=["vae", "taesd"], help="what decodes the final image: vae (default; the "
+                     "model's or --vae's) or taesd (the tiny autoencoder, much faster, a little blurrier; needs "
+                     "--taesd; recorded as A1111's 'VAE Decoder: TAESD')")
     gen.add_argument("--out", help="output PNG (default sdtorch-SEED.png; a batch adds -1, -2, ...)")
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp32 on the CPU, fp16 on a GPU")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp16 on a GPU; on the CPU bf16 where "
+                     "it is native (AVX512-BF16, AMX), else fp32")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
+    gen.add_argument("--weights", choices=["compute", "stored"], help="stored: keep a 16-bit file's weights as stored "
+                     "and widen them per layer for fp32 compute (the same image, about half the weight memory, "
+                     "a little slower); compute (default): widen them all at load")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (inductor): faster steps after "
+                     "compiling at the first step of each size (a minute or more on a CPU; reported)")
     gen.add_argument("--from-png", metavar="FILE", help="regenerate from the parameters stored in this PNG; "
                      "options given here override them")
     gen.add_argument("--quiet", action="store_true", help="no progress bars, only the summary line")
+    gen.add_argument("--vae-tiling", choices=["auto", "on", "off"], help="decode (and encode) the image in tiles: "
+                     "auto (default: where the whole pass would not fit in memory), on, or off")
+    gen.add_argument("--memory-limit", type=_byte_size, metavar="SIZE", help="plan as if at most this much memory "
+                     "were free, e.g. 6G (default: what the machine has free); a batch runs in chunks that fit")
 
     commands.add_parser("samplers", help="list the samplers and schedule types")
     from sdtorch.server import add_serve_parser
@@ -169,6 +187,20 @@ def _sides(text: str) -> tuple[int, int, int, int]:
     return sides
 
 
+def _byte_size(text: str) -> int:
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    number, unit = text.strip().lower().rstrip("ib").rstrip("b"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size, e.g. 6G or 512M") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the size must be above 0")
+    return int(value)
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
@@ -212,8 +244,13 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
             raise SdtorchError(f"{args.from_png} was made by image-to-image; give its starting image with --init-image")
     elif args.prompt is None:
         raise SdtorchError('give a prompt, e.g. sdtorch generate "a red circle" (or --from-png FILE)')
-    fields |= {field: getattr(args, option) for option, field in REQUEST_OPTIONS.items()
-               if getattr(args, option) is not None}
+    given = {field: getattr(args, option) for option, field in REQUEST_OPTIONS.items()
+             if getattr(args, option, None) is not None}
+    if "hires_scale" in given:  # a scale given here replaces a record's resize, and a resize its scale
+        fields.pop("hires_width", None), fields.pop("hires_height", None)
+    if "hires_width" in given or "hires_height" in given:
+        fields.pop("hires_scale", None)
+    fields |= given
     if fields.get("compat") == "a1111" and "schedule" not in fields:
         fields["schedule"] = "automatic"  # A1111's own default: the sampler's schedule type
     return GenerationRequest(**fields)
@@ -248,8 +285,14 @@ def load_pipeline(args: argparse.Namespace, request: GenerationRequest):
     from sdtorch.pipeline import Pipeline, default_model_path
 
     vae = {"vae": args.vae} if getattr(args, "vae", None) else {}  # --vae, where the command has it
+    if getattr(args, "taesd", None):  # --taesd, likewise
+        vae["taesd"] = args.taesd
+    runtime = {"weights": getattr(args, "weights", None), "compile": getattr(args, "compile", False),
+               "keep_freed": getattr(args, "command", None) == "generate"}  # one-shot: freed memory kept for reuse
     pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
-                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae)
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae, **runtime)
+    pipe.vae_tiling = getattr(args, "vae_tiling", None) or pipe.vae_tiling  # --vae-tiling, --memory-limit
+    pipe.memory_limit = getattr(args, "memory_limit", None)
     for warning in pipe.adapters.warnings:
         print(f"sdtorch: {warning}", file=sys.stderr)
     for spec in args.lora or ():
@@ -299,7 +342,7 @@ def step_preview(args: argparse.Namespace, pipe):
     if args.preview == "taesd":
         from sdtorch.taesd import TAESDPreview
 
-        return TAESDPreview.load(args.taesd, device=pipe.model.device)
+        return TAESDPreview(pipe.taesd)  # loaded with the model (load_pipeline)
     from sdtorch.preview import LatentPreview
 
     return LatentPreview.fit(pipe.model.vae)
@@ -312,6 +355,11 @@ def generate(args: argparse.Namespace) -> int:
     request.validate()
     if getattr(args, "preview", None) == "taesd" and not args.taesd:
         raise SdtorchError("--preview taesd needs --taesd PATH (a folder with taesd_decoder.safetensors)")
+    if request.decoder == "taesd" and not getattr(args, "taesd", None):
+        if args.decoder:
+            raise SdtorchError("--decoder taesd needs --taesd PATH (a folder with taesd_decoder.safetensors)")
+        raise SdtorchError(f"{args.from_png} was decoded by TAESD ('VAE Decoder: TAESD'): give --taesd PATH, "
+                           "or --decoder vae for the full VAE")
     paths = output_paths(args.out, request.seeds)
 
     from sdtorch.images import load_image
@@ -329,21 +377,36 @@ def generate(args: argparse.Namespace) -> int:
         request = request.replace(outpaint=outpaint)
         request.validate()
     pipe, request = load_pipeline(args, request)
+    pipe.release_after_use = True  # one shot: each network is freed after its last use (a server keeps them)
+    plan = pipe.plan(request.resolved(pipe.model), hold_results=False)  # one line now if even one image cannot fit
+    if plan.chunks > 1:
+        if args.save_steps:
+            raise SdtorchError(f"--save-steps records one run; these {plan.images} images run in {plan.chunks} chunks "
+                               f"(the memory available): use a batch of at most {plan.per_chunk}")
+        print(f"sdtorch: note: {plan.images} images in {plan.chunks} chunks of up to {plan.per_chunk} "
+              "(what fits in memory); each chunk is written as it is made", file=sys.stderr)
     recorder = StepRecorder() if args.save_steps else None
+    seconds, written, result = 0.0, 0, None
     with StepProgress(request, disable=args.quiet) as bar:
-        result = pipe.run(request, bar.chain(recorder))
-    for warning in result.warnings:
-        print(f"sdtorch: warning: {warning}", file=sys.stderr)
-    for image, one, path in zip(result.images, result.per_image(), paths):
-        write_png(path, image, infotext(one, model_name=pipe.model_name, model_hash=pipe.model_hash))
+        for result in pipe.run_chunks(request, bar.chain(recorder)):  # written and let go, chunk by chunk
+            for warning in result.warnings:
+                print(f"sdtorch: warning: {warning}", file=sys.stderr)
+            for image, one, path in zip(result.images, result.per_image(), paths[written:]):
+                write_png(path, image, infotext(one, model_name=pipe.model_name, model_hash=pipe.model_hash))
+            written += len(result.images)
+            seconds += result.seconds
     if recorder is not None:
         save_steps(args.save_steps, recorder, pipe.decode, step_preview(args, pipe))
     from sdtorch.samplers import a1111_name
 
-    what = ", ".join(str(p) for p in paths)
+    what = ", ".join(str(p) for p in paths) if len(paths) <= 10 else f"{paths[0]} ... {paths[-1]} ({len(paths)} images)"
     steps_note = f"; steps in {args.save_steps}" if args.save_steps else ""
+    if getattr(args, "compile", False):
+        from sdtorch.runtime import compile_seconds
+
+        steps_note += f"; {compile_seconds():.1f} s of it compiling"
     sampler = a1111_name(result.request.sampler, result.request.schedule, result.request.compat)
-    print(f"wrote {what} (seed {request.seed}, {request.steps} steps, {sampler}) in {result.seconds:.1f} s{steps_note}")
+    print(f"wrote {what} (seed {request.seed}, {request.steps} steps, {sampler}) in {seconds:.1f} s{steps_note}")
     return 0
 
 

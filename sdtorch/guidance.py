@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdtorch.conditioning import Conditioning
+from sdtorch.conditioning import Conditioning, added_vector
 from sdtorch.diffusion import ModelFn
+from sdtorch.stored_weights import compute_dtype
 from sdtorch.unet import UNet
 
 
 def guided_model(
-    unet: UNet, cond: Conditioning, uncond: Conditioning | None, scale: float, batch: int
+    unet: UNet, cond: Conditioning, uncond: Conditioning | None, scale: float, batch: int, downscale: int = 8
 ) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) over composable parts (Liu et al. 2022):
     out = out(uncond) + scale * sum_i w_i * (out(part_i) - out(uncond)), every pass of a call in one
@@ -24,9 +25,10 @@ def guided_model(
     alone (the weighted sum of the parts).
 
     The conditioning may change over the steps (prompt editing); the step is counted in model calls
-    from 1, as A1111's CFGDenoiser counts it.
+    from 1, as A1111's CFGDenoiser counts it. An SDXL UNet also gets each pass's added vector (its
+    pooled text embedding and the image size, `downscale` pixels per latent pixel).
     """
-    dtype = next(unet.parameters()).dtype
+    dtype = compute_dtype(unet)
     calls = 0
     batched: dict[tuple[int, ...], Tensor] = {}  # the (n * B, T, width) context of each combination
 
@@ -36,13 +38,27 @@ def guided_model(
             batched[key] = torch.cat([c.repeat(batch, 1, 1) for c in contexts])
         return batched[key]
 
+    vectors: dict[tuple, Tensor] = {}  # SDXL: the (n * B, adm) vector of each combination and size
+
+    def vector_for(x: Tensor) -> Tensor | None:
+        pooled = cond.pooled_at(calls)
+        if pooled is None:
+            return None
+        pooled = ([uncond.pooled_at(calls)[0]] if uncond is not None else []) + pooled
+        height, width = x.shape[-2] * downscale, x.shape[-1] * downscale
+        key = (*(id(p) for p in pooled), height, width)
+        if key not in vectors:
+            vectors[key] = added_vector(torch.cat([p.repeat(batch, 1) for p in pooled]), height, width).to(dtype)
+        return vectors[key]
+
     def model(x: Tensor, t: Tensor) -> Tensor:
         nonlocal calls
         calls += 1
         parts = cond.at(calls)
         contexts = ([uncond.at(calls)[0][1]] if uncond is not None else []) + [c for _, c in parts]
         n = len(contexts)
-        out = unet(torch.cat([x] * n).to(dtype) if n > 1 else x.to(dtype), t, context_for(contexts)).float()
+        x_in = torch.cat([x] * n).to(dtype) if n > 1 else x.to(dtype)
+        out = unet(x_in, t, context_for(contexts), vector_for(x)).float()
         outs = out.chunk(n)
         if uncond is None:
             if len(parts) == 1 and parts[0][0] == 1.0:

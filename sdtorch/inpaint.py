@@ -187,9 +187,9 @@ class ConditionedUNet(nn.Module):
         super().__init__()
         self.unet, self.extra = unet, extra  # (B, 5, h, w): the mask, then the masked picture's latents
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         extra = self.extra.to(x.dtype).repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)
-        return self.unet(torch.cat([x, extra], dim=1), t, context)  # (n * B, 9, h, w)
+        return self.unet(torch.cat([x, extra], dim=1), t, context, y)  # (n * B, 9, h, w)
 
 
 def latent_mask(mask: Image.Image, size: tuple[int, int], device) -> Tensor:
@@ -240,7 +240,8 @@ def inpaint(pipe, request, cond, uncond, generators, callback, started):
         fresh = noise if request.masked_content == "latent_noise" else torch.zeros_like(noise)
         keep_latents = init_latents
         init_latents = init_latents * (1 - repaint) + fresh * repaint
-    denoiser = Denoiser(guided_model(unet, cond, uncond, request.cfg_scale, request.batch),
+    guided = guided_model(unet, cond, uncond, request.cfg_scale, request.batch, model.latent_format.downscale)
+    denoiser = Denoiser(guided,
                         model.schedule, model.config.prediction_type)
     if not nine:
         base = keep_latents if request.masked_content in ("latent_noise", "latent_nothing") else init_latents
@@ -250,7 +251,7 @@ def inpaint(pipe, request, cond, uncond, generators, callback, started):
         noise_source=GeneratorNoise(noise, generators), init_latents=init_latents,
         strength=request.strength if init_latents is not None else 1.0, eta=request.eta, callback=callback,
     )
-    images = to_pil(model.decode_latents(latents))
+    images = to_pil(pipe.decode(latents, request))
     if s is not None:
         images = [composite(image, s) for image in images]
     return GenerationResult(images, request, latents, time.perf_counter() - started)

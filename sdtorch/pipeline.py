@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sdtorch import memory
 from sdtorch.adapters.library import Adapters, PromptAdapters
 from sdtorch.adapters.lora import apply_loras
-from sdtorch.conditioning import PromptEncoder, embeddings_in, encode
+from sdtorch.conditioning import DualPromptEncoder, PromptEncoder, embeddings_in, encode
 from sdtorch.diffusion import Denoiser
 from sdtorch.errors import SdtorchError
 from sdtorch.guidance import guided_model
@@ -33,6 +35,7 @@ from sdtorch.images import prepare_init_image, to_pil
 from sdtorch.inpaint import inpaint, is_inpainting_model
 from sdtorch.loading import load_model
 from sdtorch.loading.hashing import model_hash
+from sdtorch.memory import MemoryPlan, memory_limit
 from sdtorch.model import StableDiffusion
 from sdtorch.request import GenerationRequest
 from sdtorch.runtime import Runtime
@@ -47,6 +50,8 @@ from sdtorch.samplers import (
 )
 from sdtorch.samplers.philox import PhiloxGenerator
 from sdtorch.samplers.schedule_types import compvis_schedule
+from sdtorch.tiling import check_tiling, vae_tiling
+from sdtorch.tiling import encode as tiled_encode
 from sdtorch.tokenizer import get_tokenizer
 
 # The small model sdtorch trains itself and ships, used when no model is given.
@@ -80,6 +85,14 @@ def a1111_images(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def _chunk(request: GenerationRequest, start: int, n: int) -> GenerationRequest:
+    """Images start .. start + n - 1 of a resolved request's batch, as a request of their own (image i has seed
+    + i, or with an A1111 variation the seed and variation seed + i, as `GenerationRequest.seeds` numbers them)."""
+    seed = request.seed if request.variation_strength else request.seed + start
+    variation = None if request.variation_seed is None else request.variation_seed + start
+    return request.replace(seed=seed, batch=n, variation_seed=variation)
+
+
 def default_model_path() -> Path:
     """The embedded shapes model shipped in the package (`python -m sdtorch.train` makes it), or a
     clear error where an install has lost it."""
@@ -92,30 +105,58 @@ def default_model_path() -> Path:
     return path
 
 
+def prompt_encoder_of(model: StableDiffusion, tokenizer, adapters: Adapters) -> PromptEncoder | DualPromptEncoder:
+    """SD 1.x/2.x: one tower, its last layer (or the clip-skip one) through the final norm; SDXL: both
+    towers' penultimate layers, each tokenized with its own padding."""
+    if model.text_encoder_2 is None:
+        return PromptEncoder(model.text_encoder, tokenizer, adapters.embeddings)
+    second = {name: e.for_second_tower() for name, e in adapters.embeddings.items()}  # their clip_g vectors
+    return DualPromptEncoder(PromptEncoder(model.text_encoder, tokenizer, adapters.embeddings, layer="penultimate"),
+                             PromptEncoder(model.text_encoder_2, get_tokenizer(model.family.pad_id_2), second,
+                                           layer="penultimate"))
+
+
 class Pipeline:
     """A loaded model, ready to generate many times: `Pipeline.load(path).generate("a cat")`."""
 
     def __init__(
-        self, model: StableDiffusion, model_path: str | os.PathLike | None = None, adapters: Adapters | None = None
+        self, model: StableDiffusion, model_path: str | os.PathLike | None = None, adapters: Adapters | None = None,
+        *, vae_tiling: str = "auto", release_after_use: bool = False, memory_limit: int | None = None,
     ):
+        """`vae_tiling`: "auto" (tile the VAE's decode and encode where the whole pass would not fit), "on"
+        or "off" (`sdtorch.tiling`). `release_after_use`: free the text encoders once the prompts are
+        encoded and the UNet once sampling is done, in the last (or only) chunk of a run, for a one-shot
+        generation (the CLI's `generate`); the pipeline cannot run again after. `memory_limit`: plan as if
+        at most this many bytes were available (`sdtorch.memory`; None: what the machine says)."""
         self.model = model
+        self.vae_tiling = check_tiling(vae_tiling)
+        self.release_after_use = release_after_use
+        self.memory_limit = memory_limit
+        self.released: set[str] = set()  # the networks released_after_use has freed
         self.model_path = Path(model_path) if model_path else (Path(model.source) if model.source else None)
         self.tokenizer = get_tokenizer(model.family.pad_id)
         self.adapters = adapters or Adapters()
-        self.prompt_encoder = PromptEncoder(model.text_encoder, self.tokenizer, self.adapters.embeddings)
+        self.prompt_encoder = prompt_encoder_of(model, self.tokenizer, self.adapters)
         self.vae_record: dict[str, str] = {}  # "VAE hash", "VAE" of a chosen VAE (use_vae), as A1111 records it
+        self.taesd = None  # the tiny autoencoder (use_taesd): previews, and the final decode of decoder="taesd"
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: str = "auto", dtype: str | None = None, *,
         lora_dir: str | os.PathLike | None = None, embeddings_dir: str | os.PathLike | None = None,
-        vae: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None, taesd: str | os.PathLike | None = None,
+        **runtime_options,
     ) -> Pipeline:
         """A model from a file or folder, with the LoRAs of `lora_dir` usable as `<lora:name:w>` in
-        prompts and the textual-inversion embeddings of `embeddings_dir` by their names."""
-        runtime = Runtime.choose(device, dtype)
-        model = load_model(path, dtype=runtime.dtype, device=runtime.device)
-        pipe = cls(model, path, Adapters.from_folders(lora_dir, embeddings_dir, model.config.text.width))
+        prompts and the textual-inversion embeddings of `embeddings_dir` by their names; `vae` and `taesd`
+        as `use_vae` and `use_taesd` take them. `runtime_options` are `Runtime.choose`'s (weights,
+        compile, vae_channels_last, unet_channels_last, keep_freed: `sdtorch.runtime`)."""
+        runtime = Runtime.choose(device, dtype, **runtime_options)
+        model = runtime.apply(load_model(path, dtype=runtime.dtype, device=runtime.device, weights=runtime.weights))
+        widths = tuple(net.config.width for net in model.text_encoders)  # SDXL's embeddings have two sets
+        pipe = cls(model, path, Adapters.from_folders(lora_dir, embeddings_dir, widths))
+        if taesd is not None:
+            pipe.use_taesd(taesd)
         return pipe.use_vae(vae) if vae is not None else pipe
 
     def use_vae(self, path: str | os.PathLike) -> Pipeline:
@@ -123,8 +164,22 @@ class Pipeline:
         instead of the model's own; recorded as A1111 records it ("VAE hash", "VAE")."""
         from sdtorch.loading.vae_file import use_vae, vae_record
 
+        layouts = self.model.vae.encoder.memory_format, self.model.vae.decoder.memory_format  # the runtime's
         use_vae(self.model, path)
+        self.model.vae.encoder.memory_format, self.model.vae.decoder.memory_format = layouts
         self.vae_record = vae_record(path)
+        return self
+
+    def use_taesd(self, path: str | os.PathLike) -> Pipeline:
+        """Keep TAESD (a folder with taesd_decoder.* and/or taesd_encoder.*, or one of the files) beside the
+        model, for requests with decoder="taesd" and for `TAESDPreview(pipe.taesd)`."""
+        from sdtorch.taesd import TAESD
+
+        taesd = TAESD.load(path, device=self.model.device, dtype=self.model.dtype)
+        if taesd.config.latent_channels != self.model.latent_format.channels:
+            raise SdtorchError(f"TAESD {path} decodes {taesd.config.latent_channels}-channel latents; this model's "
+                               f"have {self.model.latent_format.channels}")
+        self.taesd = taesd
         return self
 
     def _adapter_record(self, request: GenerationRequest, wanted: PromptAdapters) -> dict[str, str]:
@@ -149,40 +204,99 @@ class Pipeline:
             return None
         return model_hash(self.model_path)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """UNet-scale latents -> images (B, 3, H, W) in about [-1, 1], float32."""
-        return self.model.decode_latents(latents)
+    def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> torch.Tensor:
+        """UNet-scale latents -> images (B, 3, H, W) in about [-1, 1], float32: by the model's VAE, or by TAESD's
+        decoder where `request.decoder` is "taesd"."""
+        if request is not None and request.decoder == "taesd":
+            self._check_decoder(request)
+            return self.taesd.decode(latents)
+        with vae_tiling(self.vae_tiling), memory_limit(self.memory_limit):
+            return self.model.decode_latents(latents)
+
+    def _check_decoder(self, request: GenerationRequest) -> None:
+        if request.decoder == "taesd" and (self.taesd is None or self.taesd.decoder is None):
+            raise SdtorchError('decoder "taesd" needs TAESD\'s decoder weights: --taesd PATH, '
+                               "Pipeline.load(..., taesd=PATH) or pipe.use_taesd(PATH)")
 
     @torch.no_grad()
     def run(self, request: GenerationRequest, callback: StepCallback | None = None) -> GenerationResult:
-        """Generate what `request` asks for; `callback` receives a `StepEvent` after every step."""
+        """Generate what `request` asks for; `callback` receives a `StepEvent` after every step. A batch that
+        does not fit in memory at once runs in chunks (`run_chunks`), its images those of one run."""
         started = time.perf_counter()
         request = request.resolved(self.model)
+        parts = list(self.run_chunks(request, callback, hold_results=True))
+        if len(parts) == 1:
+            return parts[0]
+        whole = parts[0].request.replace(seed=request.seed, batch=request.batch, variation_seed=request.variation_seed)
+        return GenerationResult([image for part in parts for image in part.images], whole,
+                                torch.cat([part.latents for part in parts]), time.perf_counter() - started,
+                                list(dict.fromkeys(w for part in parts for w in part.warnings)))
+
+    def plan(self, request: GenerationRequest, hold_results: bool = True) -> MemoryPlan:
+        """How the resolved `request` fits in the memory there is (`sdtorch.memory.plan`): images per chunk, the
+        VAE decode's way; one SdtorchError line where not even one image fits."""
+        with memory_limit(self.memory_limit):
+            return memory.plan(self.model, request, tiling=self.vae_tiling, hold_results=hold_results)
+
+    @torch.no_grad()
+    def run_chunks(self, request: GenerationRequest, callback: StepCallback | None = None, *,
+                   hold_results: bool = False) -> Iterator[GenerationResult]:
+        """`run` a chunk of images at a time, as many as the memory allows (`plan`, checked before any work),
+        yielding each chunk's result as it is made: image i of the batch has seed + i however the batch is cut,
+        so the images are those of one run. A caller that writes each chunk and lets it go (the CLI) holds one
+        chunk's pictures at a time; `hold_results` says the caller keeps them all (`run`), which the plan counts."""
+        request = request.resolved(self.model)
+        self._check_decoder(request)  # before sampling, not after
+        if self.released:
+            raise SdtorchError(f"this pipeline has released its {' and '.join(sorted(self.released))} after a one-shot "
+                               "generation (release_after_use); load the model again to generate more")
+        per_chunk = self.plan(request, hold_results).per_chunk
+        for start in range(0, request.batch, per_chunk):
+            n = min(per_chunk, request.batch - start)
+            yield self._run_chunk(_chunk(request, start, n), callback,
+                                  release=self.release_after_use and start + n == request.batch)
+
+    def _run_chunk(self, request: GenerationRequest, callback: StepCallback | None, release: bool) -> GenerationResult:
+        started = time.perf_counter()
         model = self.model
         generators = [create_generator(request.rng, s) for s in request.seeds]  # "cpu": torch's, as diffusers
 
         wanted = self.adapters.for_prompt(request.prompt)  # <lora:...> tags out of the prompt
         options = {k: v for k, v in request.options.items() if k not in ("VAE hash", "VAE")}  # the VAE used, below
         request = request.replace(options={**options, **self._adapter_record(request, wanted), **self.vae_record})
-        with apply_loras(model, wanted.loras) as applied:  # restored bit-exactly on the way out
-            result = self._sample(request, wanted.prompt, generators, callback, started)
+        with apply_loras(model, wanted.loras) as applied, vae_tiling(self.vae_tiling), memory_limit(self.memory_limit):
+            result = self._sample(request, wanted.prompt, generators, callback, started, release)
         result.warnings += applied.warnings  # LoRA layers that matched nothing in this model
         return result
 
-    def _sample(self, request, prompt, generators, callback, started) -> GenerationResult:
+    def _release(self, *names: str) -> None:
+        """Free networks that will not run again (`release_after_use`): their weights go to the meta device, so
+        that a later use fails loudly rather than computing on nothing."""
+        for name in names:
+            if getattr(self.model, name, None) is not None:
+                getattr(self.model, name).to("meta")
+                self.released.add(name)
+
+    def _sample(self, request, prompt, generators, callback, started, release=False) -> GenerationResult:
         model = self.model
         guided = request.cfg_scale > 1  # as diffusers: no unconditional pass at <= 1
         cond, uncond = encode(self.prompt_encoder, prompt, request.negative_prompt if guided else None,
-                              request.steps, request.clip_skip, request.emphasis)
+                              request.steps, request.clip_skip, request.emphasis,
+                              zero_empty_negative=model.config.zero_empty_negative and request.compat != "a1111")
+        if release:  # the prompts are encoded for good: the text encoders' memory is the UNet's now
+            self._release("text_encoder", "text_encoder_2")
 
         if request.mask is not None or request.outpaint is not None or is_inpainting_model(model):  # sdtorch.inpaint
             return inpaint(self, request, cond, uncond, generators, callback, started)
         if request.compat == "a1111":
             latents = self._sample_a1111(request, cond, uncond, callback)
-            images = a1111_images(model.decode_latents(latents))
+            if release:
+                self._release("unet")
+            images = a1111_images(self.decode(latents, request))
             return GenerationResult(images, request, latents, time.perf_counter() - started)
         init_latents, noise = self.start_latents(request, generators)
-        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch),
+        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch,
+                                         model.latent_format.downscale),
                             model.schedule, model.config.prediction_type)
         latents = sample(
             request.sampler,
@@ -196,9 +310,11 @@ class Pipeline:
             eta=request.eta,
             callback=callback,
         )
-        if request.hires_scale is not None:  # sdtorch.hires: upscale, then image-to-image at the large size
+        if request.hires:  # sdtorch.hires: upscale, then image-to-image at the large size
             latents = hires_pass(self, request, latents, cond, uncond, generators, callback)
-        images = to_pil(model.decode_latents(latents))
+        if release:  # sampling is done: the UNet's memory is the VAE decode's now
+            self._release("unet")
+        images = to_pil(self.decode(latents, request))
         return GenerationResult(images, request, latents, time.perf_counter() - started)
 
     def _sample_a1111(self, request, cond, uncond, callback) -> torch.Tensor:
@@ -206,7 +322,8 @@ class Pipeline:
         seed, seed resize, ENSD), the model's schedule as CompVis holds it, its img2img rule and options."""
         model = self.model
         init_latents, noise, noise_source = self.a1111_start_latents(request)
-        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch),
+        denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch,
+                                         model.latent_format.downscale),
                             compvis_schedule(model.config), model.config.prediction_type)
         options, _ = a1111_options(request.sampler, request.schedule, dict(request.options))
         return sample_a1111(
@@ -223,7 +340,7 @@ class Pipeline:
         init_latents = None
         if request.img2img:
             pixels = prepare_init_image(request.init_image, request.width, request.height)  # (1, 3, H, W)
-            mean = model.vae.encode(pixels.to(model.device, model.dtype)).mean.float()
+            mean = tiled_encode(model.vae, pixels.to(model.device, model.dtype)).mean.float()
             init_latents = model.latent_format.from_vae(mean).repeat(request.batch, 1, 1, 1)
         f = model.latent_format.downscale
         variation = None if request.variation_seed is None else [request.variation_seed + i
@@ -245,7 +362,7 @@ class Pipeline:
         if request.img2img:
             pixels = prepare_init_image(request.init_image, request.width, request.height)  # (1, 3, H, W)
             if any(isinstance(g, PhiloxGenerator) for g in generators):  # --rng gpu: CUDA's numbers
-                posterior = model.vae.encode(pixels.to(model.device, model.dtype))
+                posterior = tiled_encode(model.vae, pixels.to(model.device, model.dtype))
                 latents = torch.cat([posterior.mean.float() + posterior.std.float() * g.randn(posterior.mean.shape)
                                      .to(posterior.mean.device) for g in generators])
                 init_latents = model.latent_format.from_vae(latents).to(model.device)

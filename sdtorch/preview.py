@@ -20,6 +20,7 @@ from PIL import Image
 from sdtorch.errors import SdtorchError
 from sdtorch.images import to_pil
 from sdtorch.samplers import StepEvent
+from sdtorch.stored_weights import compute_dtype
 from sdtorch.vae import AutoencoderKL
 
 
@@ -41,7 +42,7 @@ class LatentPreview:
         coarse = torch.rand(images, 3, 4, 4, generator=g) * 2 - 1
         pixels = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
         param = next(vae.parameters())
-        latents = vae.encode(pixels.to(param.device, param.dtype)).mean
+        latents = vae.encode(pixels.to(param.device, compute_dtype(vae))).mean
         decoded = vae.decode(latents).float().cpu()
         target = F.avg_pool2d(decoded, f)  # (N, 3, h, w): the colour each latent pixel decodes to
         z = latents.float().cpu() * vae.config.scaling_factor  # the UNet's scale (shift 0 in SD 1.x)

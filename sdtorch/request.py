@@ -25,9 +25,10 @@ from sdtorch.samplers.registry import check_compat, resolve_schedule, sampler_en
 
 MAX_SEED = 2**63 - 1
 LATENT_STRIDE = 8  # pixels per latent pixel: sizes are multiples of this
-# Beyond this many pixels in one call the activations alone outgrow any machine we run on; the
-# check keeps a typo (width=51200) from being an out-of-memory crash an hour later.
+# Beyond this many pixels in one image the activations alone outgrow any machine we run on; the
+# check keeps a typo (width=51200) from reaching the model (`sdtorch.memory` plans what is below it).
 MAX_PIXELS_PER_CALL = 64 * 1024 * 1024
+DECODERS = ("vae", "taesd")  # what decodes the final latents (sdtorch.taesd for the tiny one)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +66,11 @@ class GenerationRequest:
     hires_steps: int = 0  # 0: as many as `steps`
     hires_strength: float = 0.7  # A1111's "Denoising strength" of the second pass
     hires_upscaler: str = "latent"  # latent, latent-bicubic, lanczos, nearest
+    # ... or to a size instead of a scale (A1111's "Resize width/height to", hr_resize_x/y): one side alone keeps
+    # the aspect ratio; both: upscaled to cover that size, then cropped to it (A1111's latent truncation)
+    hires_width: int | None = None
+    hires_height: int | None = None
+    decoder: str = "vae"  # the final decode: "vae" (the model's, or --vae's) or "taesd" (the tiny autoencoder)
     eta: float = 0.0  # DDIM's eta (Song et al. 2020): 0 deterministic
     clip_skip: int = 1
     emphasis: str = "original"  # A1111's: "original" (weights, then the mean restored) or "no_norm"
@@ -87,6 +93,11 @@ class GenerationRequest:
     @property
     def img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix runs: a scale, or a width or height to upscale to."""
+        return self.hires_scale is not None or self.hires_width is not None or self.hires_height is not None
 
     @property
     def seeds(self) -> list[int]:
@@ -150,11 +161,11 @@ class GenerationRequest:
                 raise SdtorchError(
                     f"strength {self.strength} with {self.steps} steps runs no step; raise strength or steps"
                 )
-        pixels = (self.width or 0) * (self.height or 0) * self.batch
+        pixels = (self.width or 0) * (self.height or 0)  # a batch runs in chunks that fit (sdtorch.memory)
         if pixels > MAX_PIXELS_PER_CALL:
             raise SdtorchError(
-                f"{self.batch} x {self.width}x{self.height} pixels is too large for one call; "
-                f"keep width x height x batch under {MAX_PIXELS_PER_CALL // 2**20} megapixels"
+                f"{self.width}x{self.height} pixels is too large for one image; "
+                f"keep width x height under {MAX_PIXELS_PER_CALL // 2**20} megapixels"
             )
         if model is not None:
             layers = model.config.text.layers
@@ -190,14 +201,23 @@ class GenerationRequest:
         return [self.replace(seed=s, batch=1, variation_seed=v) for s, v in zip(self.seeds, variation)]
 
     def _validate_inpaint(self) -> None:
-        from sdtorch.hires import UPSCALERS
+        from sdtorch.hires import UPSCALERS, hires_target
         from sdtorch.inpaint import INPAINT_AREAS, MASKED_CONTENT
 
-        if self.hires_scale is not None:
+        if self.decoder not in DECODERS:
+            raise SdtorchError(f"unknown decoder {self.decoder!r}; accepted: {', '.join(DECODERS)}")
+        if self.hires:
             if self.init_image is not None or self.mask is not None:
                 raise SdtorchError("hires fix applies to text-to-image only; leave out the init image")
-            if not _is_number(self.hires_scale) or not 1 < self.hires_scale <= 8:
+            resize = self.hires_width is not None or self.hires_height is not None
+            if resize and self.hires_scale is not None:
+                raise SdtorchError("give the hires fix a scale or a width/height to upscale to, not both")
+            if self.hires_scale is not None and (not _is_number(self.hires_scale) or not 1 < self.hires_scale <= 8):
                 raise SdtorchError(f"hires scale must be a number above 1, at most 8, got {self.hires_scale}")
+            for name in ("hires_width", "hires_height"):
+                value = getattr(self, name)
+                if value is not None and (not _is_int(value) or value < LATENT_STRIDE or value % LATENT_STRIDE):
+                    raise SdtorchError(f"{name.replace('_', ' ')} {value} is not accepted; use a multiple of 8")
             if not _is_int(self.hires_steps) or self.hires_steps < 0:
                 raise SdtorchError(f"hires steps must be a whole number, 0 (as many as steps) or more, "
                                    f"got {self.hires_steps}")
@@ -209,6 +229,14 @@ class GenerationRequest:
                 raise SdtorchError(f"unknown hires upscaler {self.hires_upscaler!r}; accepted: {', '.join(UPSCALERS)}")
             if self.compat != "diffusers":
                 raise SdtorchError("hires fix runs in diffusers mode only; leave out --compat a1111")
+            if _is_int(self.width) and _is_int(self.height) and _is_int(self.batch):  # the large size's checks
+                (up_x, up_y), (out_x, out_y) = hires_target(self)
+                if min(up_x, up_y, out_x, out_y) < LATENT_STRIDE:
+                    raise SdtorchError(f"the hires fix of {self.width}x{self.height} to {out_x}x{out_y} pixels is "
+                                       "too small; each side must be at least 8")
+                if up_x * up_y > MAX_PIXELS_PER_CALL:
+                    raise SdtorchError(f"the hires fix's {up_x}x{up_y} pixels is too large for one image; "
+                                       f"keep width x height under {MAX_PIXELS_PER_CALL // 2**20} megapixels")
         if self.outpaint is not None:
             sides = tuple(self.outpaint)
             if len(sides) != 4 or not all(_is_int(v) and v >= 0 and v % LATENT_STRIDE == 0 for v in sides) \

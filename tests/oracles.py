@@ -253,11 +253,13 @@ RANK = 4
 
 
 def kohya_lora(
-    unet, text_encoder, *, rank=RANK, seed=0, conv=True, alpha_dtype=torch.float16, scale: float = 0.2
+    unet, text_encoder, *, rank=RANK, seed=0, conv=True, alpha_dtype=torch.float16, scale: float = 0.2,
+    text_encoder_2=None,
 ) -> dict:
     """A random LoRA named as kohya-ss `networks/lora.py` names it: the diffusers module path of each
-    Linear / Conv2d inside the targeted blocks, '.' -> '_', under lora_unet_ / lora_te_; LoCon
-    (conv=True) adds the res-blocks and samplers, 3x3 kernels in lora_down; alpha = rank / 2."""
+    Linear / Conv2d inside the targeted blocks, '.' -> '_', under lora_unet_ / lora_te_ (SDXL, with
+    `text_encoder_2`: lora_te1_ / lora_te2_); LoCon (conv=True) adds the res-blocks and samplers, 3x3
+    kernels in lora_down; alpha = rank / 2."""
     g = torch.Generator().manual_seed(seed)
     state = {}
 
@@ -275,14 +277,17 @@ def kohya_lora(
             for child_name, child in block.named_modules():
                 if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
                     add(f"lora_unet.{name}.{child_name}".replace(".", "_"), child.weight)
-    for name, block in text_encoder.named_modules():
-        if type(block).__name__ in ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"):
-            for child_name, child in block.named_modules():
-                if isinstance(child, torch.nn.Linear):
-                    # transformers 5 names the module without text_model.; kohya's files (from
-                    # transformers 4) always have it
-                    path = name if name.startswith("text_model.") else f"text_model.{name}"
-                    add(f"lora_te.{path}.{child_name}".replace(".", "_"), child.weight)
+    towers = [("lora_te", text_encoder)] if text_encoder_2 is None else [("lora_te1", text_encoder),
+                                                                          ("lora_te2", text_encoder_2)]
+    for prefix, tower in towers:
+        for name, block in tower.named_modules():
+            if type(block).__name__ in ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"):
+                for child_name, child in block.named_modules():
+                    if isinstance(child, torch.nn.Linear):
+                        # transformers 5 names the module without text_model.; kohya's files (from
+                        # transformers 4) always have it
+                        path = name if name.startswith("text_model.") else f"text_model.{name}"
+                        add(f"{prefix}.{path}.{child_name}".replace(".", "_"), child.weight)
     return state
 
 
@@ -299,3 +304,41 @@ def make_inpaint_diffusers_folder(root: Path):
     unet.save_pretrained(root / "unet")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionInpaintPipeline"}))
     return unet, vae, text
+
+
+def openclip_state(ours: dict, cfg, prefix: str, *, extra_block_seed: int | None = None) -> dict[str, torch.Tensor]:
+    """A text tower (our CLIP state dict `ours`, config `cfg`) in open_clip's names as SD 2.x and SDXL files
+    store it under `prefix`: q, k, v fused into in_proj, and the contrastive head (`text_projection` applied
+    as x @ P: ours transposed where the tower has one, else random; `logit_scale`). With `extra_block_seed`,
+    one more random block at the end (the one SD 2 skips)."""
+    state = {
+        prefix + "token_embedding.weight": ours["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": ours["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": ours["final_layer_norm.weight"],
+        prefix + "ln_final.bias": ours["final_layer_norm.bias"],
+    }
+    width, layers, mlp = cfg.width, cfg.layers, cfg.mlp_width
+    g = torch.Generator().manual_seed(extra_block_seed or 0)
+    for i in range(layers + (extra_block_seed is not None)):
+        def get(name, shape, i=i):
+            key = f"encoder.layers.{i}.{name}"
+            return ours[key] if i < layers else torch.randn(shape, generator=g) * 0.05
+
+        block = f"{prefix}transformer.resblocks.{i}."
+        for kind, shape in (("weight", (width, width)), ("bias", (width,))):
+            state[block + f"attn.in_proj_{kind}"] = torch.cat(
+                [get(f"self_attn.{p}_proj.{kind}", shape) for p in "qkv"])
+            state[block + f"attn.out_proj.{kind}"] = get(f"self_attn.out_proj.{kind}", shape)
+        for theirs, mine, shape in (("ln_1", "layer_norm1", (width,)), ("ln_2", "layer_norm2", (width,))):
+            state[block + f"{theirs}.weight"] = get(f"{mine}.weight", shape)
+            state[block + f"{theirs}.bias"] = get(f"{mine}.bias", shape)
+        state[block + "mlp.c_fc.weight"] = get("mlp.fc1.weight", (mlp, width))
+        state[block + "mlp.c_fc.bias"] = get("mlp.fc1.bias", (mlp,))
+        state[block + "mlp.c_proj.weight"] = get("mlp.fc2.weight", (width, mlp))
+        state[block + "mlp.c_proj.bias"] = get("mlp.fc2.bias", (width,))
+    if "text_projection.weight" in ours:
+        state[prefix + "text_projection"] = ours["text_projection.weight"].t().contiguous()
+    else:
+        state[prefix + "text_projection"] = torch.randn(width, width, generator=g)
+    state[prefix + "logit_scale"] = torch.tensor(4.6)
+    return state

@@ -196,7 +196,8 @@ def test_cli_explain_escapes_the_prompt(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["prompt"] == prompt
     # --decode-every 2: the full VAE at steps 0 and 2 (the last) only
-    assert report["distances"][1] is None and report["distances"][0] is not None and report["distances"][2] == 0.0
+    # the last step's decode equals the final image to within rounding (they decode in different batches)
+    assert report["distances"][1] is None and report["distances"][0] is not None and report["distances"][2] < 1e-3
     assert sorted(p.name for p in (out / "steps").glob("*-predicted.png")) == ["000-predicted.png", "002-predicted.png"]
     assert main(["explain", "x", "--out", str(out), "--decode-every", "0"]) == 2
 

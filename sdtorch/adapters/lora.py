@@ -38,6 +38,7 @@ from torch import nn
 from sdtorch.errors import CheckpointError, SdtorchError
 from sdtorch.loading.diffusers_format import to_diffusers_name, unet_module_names
 from sdtorch.loading.reader import open_tensors
+from sdtorch.stored_weights import layer_compute_dtype
 
 ACCEPTED = "accepted: kohya/A1111 LoRA and LoCon (lora_up, lora_down, alpha) or diffusers/PEFT (lora_A, lora_B)"
 # Other adapter kinds, told by a key part only they use.
@@ -231,7 +232,8 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
         prefix, _, part = key.partition(".")
         if part not in KOHYA_PARTS:
             return None
-        for start, network in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder")):
+        for start, network in (("lora_unet_", "unet"), ("lora_te_", "text_encoder"), ("lora_te1_", "text_encoder"),
+                               ("lora_te2_", "text_encoder_2")):
             if prefix.startswith(start):
                 return network, prefix[len(start) :], prefix, KOHYA_PARTS[part]
         return "other", prefix, prefix, KOHYA_PARTS[part]
@@ -246,19 +248,20 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
         part = "alpha" if m["alpha"] else {"A": "down", "B": "up"}.get(m["ab"]) or m["ud"]
     else:
         return None
-    if network == "text_encoder_2":
-        network = "other"
     return network, path.replace(".", "_"), f"{network}.{path}", part
 
 
 # --- applying ---------------------------------------------------------------------------------
 
 
-def lora_targets(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str, nn.Module]]:
+def lora_targets(
+    unet: nn.Module, text_encoder: nn.Module, text_encoder_2: nn.Module | None = None
+) -> dict[str, dict[str, nn.Module]]:
     """Per network, every name a LoRA may use for each Linear/Conv2d -> that module.
 
-    UNet: our CompVis path and its diffusers path (from the loader's table), '.' written '_'.
-    Text encoder: our path below `text_model.`, '.' written '_' (`text_model_` is stripped from keys).
+    UNet: our CompVis path (kohya's SDXL files use it) and its diffusers path (from the loader's table),
+    '.' written '_'. Text encoders (SDXL's second: `lora_te2_`, `text_encoder_2.`): our path below
+    `text_model.`, '.' written '_' (`text_model_` is stripped from keys).
     """
     table = unet_module_names(unet.config)
     unet_names: dict[str, nn.Module] = {}
@@ -266,8 +269,9 @@ def lora_targets(unet: nn.Module, text_encoder: nn.Module) -> dict[str, dict[str
         diffusers = to_diffusers_name(name + ".weight", table).removesuffix(".weight")
         for alias in {name.replace(".", "_"), diffusers.replace(".", "_")}:
             assert unet_names.setdefault(alias, module) is module, f"two UNet modules read {alias}"
-    text_names = {name.replace(".", "_"): module for name, module in _weighted_modules(text_encoder)}
-    return {"unet": unet_names, "text_encoder": text_names}
+    towers = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    return {"unet": unet_names, **{network: {name.replace(".", "_"): module for name, module in _weighted_modules(net)}
+                                   for network, net in towers.items() if net is not None}}
 
 
 def _weighted_modules(net: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -278,14 +282,17 @@ class LoRAHandle:
     """Applied LoRAs: `restore()` copies the original tensors back (bit-exact); also a context manager.
     `warnings` lists, one line per LoRA, layers that matched nothing in the model."""
 
-    def __init__(self, originals: list[tuple[torch.Tensor, torch.Tensor]], warnings: list[str]):
-        self._originals = originals
+    def __init__(self, originals: list[tuple[torch.Tensor | nn.Module, torch.Tensor]], warnings: list[str]):
+        self._originals = originals  # (weight, its copy), or (layer, its own weight parameter) for one kept as stored
         self.warnings = warnings
 
     def restore(self) -> None:
         with torch.no_grad():
-            for weight, original in self._originals:
-                weight.copy_(original)
+            for target, original in reversed(self._originals):
+                if isinstance(target, nn.Module):
+                    target.weight = original
+                else:
+                    target.copy_(original)
         self._originals = []
 
     def __enter__(self) -> LoRAHandle:
@@ -299,16 +306,17 @@ def apply_loras(model, loras: Sequence[tuple]) -> LoRAHandle:
     """Add each LoRA's update to `model`'s weights (`model.unet`, `model.text_encoder`).
 
     `loras`: (lora, weight) or (lora, text_encoder_weight, unet_weight), A1111's `<lora:name:te:unet>`.
-    All updates of one weight are summed in float32 and added once, then cast to the weight's dtype.
+    All updates of one weight are summed in float32 and added once, then cast to the weight's dtype
+    (for a 16-bit weight kept as stored, to the dtype it computes in: an fp32 copy while applied).
     Apply over applied LoRAs only with `restore()` in the reverse order.
     """
-    targets = lora_targets(model.unet, model.text_encoder)
+    targets = lora_targets(model.unet, model.text_encoder, model.text_encoder_2)
     updates: dict[nn.Module, torch.Tensor] = {}
     warnings = []
     for entry in loras:
         lora, te_weight, unet_weight = (entry[0], entry[1], entry[1]) if len(entry) == 2 else entry
         label = str(lora.path or lora.name)
-        if lora.sdxl:
+        if lora.sdxl and model.text_encoder_2 is None:
             raise SdtorchError(f"{label}: an SDXL LoRA (keys for two text encoders); this model is not SDXL")
         found, unmatched = [], []
         for layer in lora.layers:
@@ -328,12 +336,17 @@ def apply_loras(model, loras: Sequence[tuple]) -> LoRAHandle:
     with torch.no_grad():
         for module, delta in updates.items():
             weight = module.weight
-            originals.append((weight, weight.detach().clone()))
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            dtype = layer_compute_dtype(module)
+            if dtype == weight.dtype:
+                originals.append((weight, weight.detach().clone()))
+                weight.copy_((weight.float() + delta).to(weight.dtype))
+            else:  # a 16-bit weight kept as stored: merged in the dtype it computes in, as a wide load would be
+                originals.append((module, weight))
+                module.weight = nn.Parameter((weight.float() + delta).to(dtype), requires_grad=False)
     return LoRAHandle(originals, warnings)
 
 
 def _strip_text_model(layer: LoRALayer) -> str:
-    if layer.network == "text_encoder":
+    if layer.network.startswith("text_encoder"):
         return layer.target.removeprefix("text_model_")
     return layer.target
