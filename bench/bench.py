@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the oracles' set-up is shared with the parity tests
 
 PROMPT = "a photograph of an astronaut riding a horse"
-# sdtorch runtime variants: Pipeline.load's runtime options (sdtorch.runtime). The CLI's `generate` also keeps
-# freed memory (keep_freed); Pipeline.load, and so "default" here, does not.
+# sdtorch runtime variants: Pipeline.load's runtime options (sdtorch.runtime); "default" is what Pipeline.load
+# and the CLI do unless asked (plus the --weights/--compile/--channels-last-vae/--keep-freed flags).
 VARIANTS = {
     "default": {},
     "compute": {"weights": "compute"},  # every weight widened to the compute dtype

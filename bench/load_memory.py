@@ -1,6 +1,6 @@
 """Peak memory of loading a checkpoint, in a fresh process.
 
-    python bench/load_memory.py CHECKPOINT [--dtype fp16]
+    python bench/load_memory.py CHECKPOINT [--dtype fp16] [--weights stored]
 
 Prints JSON: the loaded model's weight bytes, the process's peak resident set (VmHWM, which a
 fresh exec starts from zero, unlike ru_maxrss) and its ratio. With no checkpoint given it writes a
@@ -20,7 +20,7 @@ CHILD = """
 import json, sys, time
 from sdtorch.loading import load_model
 start = time.perf_counter()
-model = load_model(sys.argv[1], dtype=sys.argv[2])
+model = load_model(sys.argv[1], dtype=sys.argv[2], weights=sys.argv[3])
 seconds = time.perf_counter() - start
 size = sum(p.numel() * p.element_size() for net in model.networks().values() for p in net.parameters())
 with open("/proc/self/status") as status:
@@ -29,8 +29,8 @@ print(json.dumps({"model_bytes": size, "peak_rss_bytes": peak, "ratio": peak / s
 """
 
 
-def measure(checkpoint: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(checkpoint), dtype], capture_output=True, text=True)
+def measure(checkpoint: Path, dtype: str, weights: str = "compute") -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(checkpoint), dtype, weights], capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr)
     return json.loads(out.stdout)
@@ -40,9 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?")
     parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--weights", default="compute", choices=["compute", "stored"],
+                        help="stored: keep a 16-bit file's weights as stored for fp32 compute")
     args = parser.parse_args()
     if args.checkpoint:
-        print(json.dumps(measure(Path(args.checkpoint), args.dtype)))
+        print(json.dumps(measure(Path(args.checkpoint), args.dtype, args.weights)))
         return
     import torch
     from safetensors.torch import save_file
@@ -53,7 +55,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "random-sd15.safetensors"
         save_file(random_sd15_state(json.loads(SD15_KEYS.read_text()), torch.float16), str(path))
-        print(json.dumps(measure(path, args.dtype)))
+        print(json.dumps(measure(path, args.dtype, args.weights)))
 
 
 if __name__ == "__main__":

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "a little slower); compute (default): widen them all at load")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (inductor): faster steps after "
                      "compiling at the first step of each size (a minute or more on a CPU; reported)")
+    gen.add_argument("--keep-freed-memory", action="store_true", help="the allocator keeps freed memory for reuse "
+                     "instead of returning it to the system: about 10%% less CPU time on a CPU, a higher peak "
+                     "(about +0.5 GB at 512x512)")
     gen.add_argument("--from-png", metavar="FILE", help="regenerate from the parameters stored in this PNG; "
                      "options given here override them")
     gen.add_argument("--quiet", action="store_true", help="no progress bars, only the summary line")
@@ -288,7 +291,7 @@ def load_pipeline(args: argparse.Namespace, request: GenerationRequest):
     if getattr(args, "taesd", None):  # --taesd, likewise
         vae["taesd"] = args.taesd
     runtime = {"weights": getattr(args, "weights", None), "compile": getattr(args, "compile", False),
-               "keep_freed": getattr(args, "command", None) == "generate"}  # one-shot: freed memory kept for reuse
+               "keep_freed": getattr(args, "keep_freed_memory", False)}
     pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae, **runtime)
     pipe.vae_tiling = getattr(args, "vae_tiling", None) or pipe.vae_tiling  # --vae-tiling, --memory-limit

@@ -243,7 +243,8 @@ def test_mismatched_tensors_name_the_first_offenders(tmp_path, tiny_model):
 @pytest.mark.parametrize(
     "names, family",
     [
-        (["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"], "SDXL"),
+        (["conditioner.embedders.0.model.ln_final.weight"], "the SDXL refiner"),  # SDXL base: tests/test_sdxl.py
+        (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3"),
         (["control_model.input_blocks.0.0.weight"], "ControlNet"),  # SD 2.x is loaded now: tests/test_sd2.py
         (["down_blocks.0.resnets.0.conv1.weight"], "diffusers-format UNet"),
         (["some.other.weight"], "not a Stable Diffusion checkpoint"),

@@ -267,3 +267,15 @@ def test_loading_does_not_import_the_compiler(tiny16):
              "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", child, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_stored_weights_give_the_same_png(tmp_path):
+    """The embedded model is an fp16 file: kept as stored (and with freed memory kept), the command
+    writes the very same bytes."""
+    from sdtorch import cli
+
+    plain, kept = tmp_path / "plain.png", tmp_path / "kept.png"
+    args = ["generate", "a red circle on a blue background", "--seed", "3", "--device", "cpu", "--quiet"]
+    assert cli.main([*args, "--out", str(plain)]) == 0
+    assert cli.main([*args, "--out", str(kept), "--weights", "stored", "--keep-freed-memory"]) == 0
+    assert plain.read_bytes() == kept.read_bytes()
