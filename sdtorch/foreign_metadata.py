@@ -359,6 +359,10 @@ def regeneration_fields(text: str) -> tuple[dict, list[str]]:
                 if fields.pop(key, None) not in (None, 0, 0.0):
                     notes.append(f"{key.replace('_', ' ')} is not applied outside A1111 mode")
         elif compat == "a1111":
+            if entry.space == "vp" and fields.get("schedule", "automatic") not in ("automatic", "uniform"):
+                notes.append(f"schedule type {fields['schedule']} does not apply to {entry.display_name} "
+                             "(A1111 runs it on its own timestep grid, as here): not applied")
+                fields["schedule"] = "automatic"
             schedule = resolve_schedule(entry, fields.get("schedule", "automatic"), compat)
             _, unused = a1111_options(entry.name, schedule, options)
             for key in unused:

@@ -326,6 +326,8 @@ class Pipeline:
                                          model.latent_format.downscale),
                             compvis_schedule(model.config), model.config.prediction_type)
         options, _ = a1111_options(request.sampler, request.schedule, dict(request.options))
+        if request.eta:  # DDIM's eta (A1111's "Eta DDIM")
+            options["eta"] = request.eta
         return sample_a1111(
             request.sampler, denoiser, noise, request.steps, schedule=request.schedule, noise_source=noise_source,
             seeds=request.seeds, init_latents=init_latents, strength=request.strength if request.img2img else 1.0,

@@ -153,9 +153,9 @@ def a1111_reference(components, function, *, seeds, schedule="uniform", discard=
 
 
 def ours(pipe, sampler, seeds, **kw):
-    result = pipe.generate(PROMPT, negative_prompt=NEGATIVE, sampler=sampler, seed=seeds[0], batch=len(seeds),
-                           steps=STEPS, cfg_scale=CFG, width=SIZE, height=SIZE, compat="a1111", progress=False, **kw)
-    return result
+    kw = dict(steps=STEPS) | kw
+    return pipe.generate(PROMPT, negative_prompt=NEGATIVE, sampler=sampler, seed=seeds[0], batch=len(seeds),
+                         cfg_scale=CFG, width=SIZE, height=SIZE, compat="a1111", progress=False, **kw)
 
 
 def level_difference(a: list[Image.Image], b: list[Image.Image]) -> int:
@@ -246,3 +246,116 @@ def test_an_a1111_mode_png_regenerates_byte_for_byte(tiny_checkpoint, tmp_path, 
                      "--quiet"]) == 0
     assert capsys.readouterr().err == ""  # nothing it cannot honour
     assert again.read_bytes() == first.read_bytes()
+
+
+# --- DDIM and PLMS: A1111's own timestep samplers ------------------------------------------------------------
+
+
+def a1111_grid(steps):
+    """CompVisSampler.get_timesteps, as A1111 writes it: every 1000 // steps-th timestep from 1, clipped."""
+    return [min(t + 1, 999) for t in range(0, 1000, 1000 // steps)]
+
+
+@torch.no_grad()
+def a1111_timestep_reference(components, sampler, *, seeds, steps=STEPS, eta=0.0, ensd=0, init_image=None,
+                             strength=None):
+    """A1111's DDIM / PLMS (sd_samplers_timesteps_impl) rebuilt on diffusers' DDIMScheduler / PNDMScheduler
+    (skip_prk_steps: the same pseudo-improved-Euler warm start) stepping over A1111's grid, down to its lowest
+    timestep and not beyond, with the CompVis alphas_cumprod, guidance on eps, and A1111's generators."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    tok, text, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
+
+    def encode(prompt):
+        ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return text(ids)[0]
+
+    batch = len(seeds)
+    cond, uncond = encode(PROMPT).repeat(batch, 1, 1), encode(NEGATIVE).repeat(batch, 1, 1)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  set_alpha_to_one=False)
+    scheduler = (DDIMScheduler(clip_sample=False, **common) if sampler == "ddim"
+                 else PNDMScheduler(skip_prk_steps=True, **common))
+    scheduler.set_timesteps(steps)
+    scheduler.alphas_cumprod = CompVisModel(unet).alphas_cumprod  # the checkpoint's buffer, as A1111 reads it
+    grid = a1111_grid(steps)
+    generators = ImageGenerators(seeds, (4, SIZE // F, SIZE // F), "cpu", ensd)
+    x = generators.first()
+    top = len(grid) - 1
+    if init_image is not None:
+        pixels = torch.from_numpy(np.asarray(init_image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+        init = (vae.encode(pixels).latent_dist.mean * SCALE).repeat(batch, 1, 1, 1)
+        t_enc = int(min(strength, 0.999) * steps)
+        x = scheduler.add_noise(init, x, torch.tensor([grid[t_enc]]))
+        top = t_enc - 1
+    walk = grid[1 : top + 1][::-1]
+    if sampler == "pndm":
+        walk = walk[:2] + walk[1:] if len(walk) > 1 else walk + [walk[0] - 1000 // steps]
+    scheduler.timesteps = torch.tensor(walk)
+
+    def guided_eps(x, t):
+        out = unet(torch.cat([x, x]), torch.tensor(float(t)), encoder_hidden_states=torch.cat([cond, uncond])).sample
+        e_cond, e_uncond = out.chunk(2)
+        return e_uncond + (e_cond - e_uncond) * CFG
+
+    for t in scheduler.timesteps:
+        eps = guided_eps(x, t)
+        if sampler == "ddim":
+            x = scheduler.step(eps, t, x, eta=eta, variance_noise=generators.next()).prev_sample
+        else:
+            x = scheduler.step(eps, t, x).prev_sample
+    images = ((vae.decode(x / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
+    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    return x, [Image.fromarray(p) for p in pixels]
+
+
+@pytest.mark.parametrize("sampler, steps, extra", [
+    ("ddim", STEPS, {}), ("ddim", 7, {}), ("ddim", STEPS, dict(eta=0.5, ensd=31337)), ("pndm", STEPS, {}),
+    ("pndm", 7, {}),
+], ids=["ddim", "ddim-7-steps", "ddim-eta", "plms", "plms-7-steps"])
+def test_ddim_and_plms_equal_a1111s_timestep_samplers(both, sampler, steps, extra):
+    pipe, components = both
+    seeds = [11, 12]
+    result = ours(pipe, sampler, seeds, **{**extra, "steps": steps})
+    ref_latents, ref_images = a1111_timestep_reference(components, sampler, seeds=seeds, steps=steps, **extra)
+    levels, latent_diff = level_difference(result.images, ref_images), (result.latents - ref_latents).abs().max()
+    print(f"{sampler} {steps} steps {extra}: max level difference {levels}, max |latent diff| {latent_diff:.1e}, "
+          f"mid-tones {mid_tones(ref_images):.0%}")
+    assert mid_tones(ref_images) > 0.2
+    assert levels <= 2
+    assert latent_diff < 1e-3
+
+
+@pytest.mark.parametrize("sampler, strength", [("ddim", 0.6), ("pndm", 0.5)])
+def test_ddim_and_plms_img2img_equal_a1111s(both, sampler, strength):
+    pipe, components = both
+    result = ours(pipe, sampler, [5], init_image=init_picture(), strength=strength)
+    ref_latents, ref_images = a1111_timestep_reference(components, sampler, seeds=[5], init_image=init_picture(),
+                                                       strength=strength)
+    levels = level_difference(result.images, ref_images)
+    print(f"img2img {sampler} strength {strength}: max level difference {levels}, "
+          f"max |latent diff| {(result.latents - ref_latents).abs().max():.1e}")
+    assert mid_tones(ref_images) > 0.2
+    assert levels <= 2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm"])
+def test_a1111s_timestep_samplers_are_not_diffusers(both, sampler):
+    """The latent check above can fail: diffusers' DDIM / PLMS on the same noise (one step more, from timestep 1
+    to abar_0, and diffusers' fp32 betas) lands elsewhere, if close in pixels."""
+    pipe, _ = both
+    kw = dict(negative_prompt=NEGATIVE, sampler=sampler, seed=11, steps=STEPS, cfg_scale=CFG, width=SIZE,
+              height=SIZE, rng="cpu", progress=False)
+    default, a1111 = pipe.generate(PROMPT, **kw), pipe.generate(PROMPT, compat="a1111", **kw)
+    latents = (default.latents - a1111.latents).abs().max()
+    print(f"{sampler}: the default mode vs A1111 mode: {level_difference(default.images, a1111.images)} levels, "
+          f"latents {latents:.1e} apart")
+    assert latents > 1e-2
+
+
+def test_timestep_samplers_take_no_schedule_type_in_a1111_mode(both):
+    from sdtorch.errors import SdtorchError
+
+    pipe, _ = both
+    with pytest.raises(SdtorchError, match="own timestep grid"):
+        ours(pipe, "ddim", [1], schedule="karras")

@@ -198,8 +198,15 @@ def test_what_is_not_honoured_is_said_one_line_each():
 def test_unknown_and_unreproduced_samplers_are_said():
     fields, notes = regeneration_fields("x\nSteps: 20, Sampler: Magic Sampler, CFG scale: 7, Seed: 1, Size: 64x64")
     assert "sampler" not in fields and len(notes) == 1 and "'Magic Sampler' is unknown" in notes[0]
-    fields, notes = regeneration_fields("x\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64")
-    assert (fields["sampler"], fields["compat"]) == ("ddim", "diffusers") and "own timestep sampler" in notes[0]
+    fields, notes = regeneration_fields("x\nSteps: 20, Sampler: UniPC, CFG scale: 7, Seed: 1, Size: 64x64")
+    assert (fields["sampler"], fields["compat"]) == ("unipc", "diffusers") and "own timestep sampler" in notes[0]
+    # DDIM and PLMS are A1111's own timestep samplers, reproduced (tests/test_a1111_mode.py); a schedule type,
+    # which A1111 does not apply to them, is said and left out
+    fields, notes = regeneration_fields("x\nSteps: 20, Sampler: DDIM, Schedule type: Karras, Eta DDIM: 0.3, "
+                                        "CFG scale: 7, Seed: 1, Size: 64x64")
+    assert (fields["sampler"], fields["compat"], fields["eta"], fields["schedule"]) == ("ddim", "a1111", 0.3,
+                                                                                       "automatic")
+    assert len(notes) == 1 and "does not apply to DDIM" in notes[0]
     fields, notes = regeneration_fields("x\nSteps: 20, Sampler: DPM fast, CFG scale: 7, Seed: 1, Size: 64x64, RNG: NV")
     assert (fields["sampler"], fields["compat"], fields["rng"], notes) == ("dpm_fast", "a1111", "nv", [])
 

@@ -744,3 +744,84 @@ def test_inpainting_through_the_api_is_the_cli_image(server, tmp_path):
     outside = np.asarray(mask) == 0
     outside[10:54, 10:54] = False  # beyond the blurred edge
     assert np.array_equal(np.asarray(result.image)[outside], np.asarray(init)[outside])  # untouched outside
+
+
+@pytest.fixture(scope="module")
+def a1111_server():
+    with BackgroundServer(compat="a1111") as s:
+        yield s
+
+
+def test_a1111_mode_server_gives_the_cli_a1111_image(a1111_server, tmp_path):
+    """`serve --compat a1111`: A1111's samplers, its GPU noise by default, subseeds and ENSD from the request, the
+    CLI's --compat a1111 image pixel for pixel (which tests/test_a1111_mode.py checks against A1111's path)."""
+    api = client(a1111_server)
+    names = {s["name"] for s in api.get_samplers()}
+    assert {"DPM2 a", "DPM++ 2S a", "DPM++ 3M SDE", "DDIM", "PLMS", "Euler a"} <= names and "UniPC" not in names
+    assert {"Exponential", "SGM Uniform", "Align Your Steps"} <= {s["label"] for s in api.get_schedulers()}
+    options = api.get_options()
+    assert (options["sdtorch_compat"], options["randn_source"]) == ("a1111", "GPU")
+
+    settings = dict(prompt=PROMPT, negative_prompt="green", seed=42, steps=6, cfg_scale=4, width=64, height=64)
+    result = api.txt2img(sampler_name="DPM++ SDE", scheduler="Karras", subseed=7, subseed_strength=0.3,
+                         override_settings={"eta_noise_seed_delta": 31337}, **settings)
+    out = tmp_path / "cli.png"
+    run = run_cli("generate", PROMPT, "--negative", "green", "--seed", 42, "--steps", 6, "--cfg", 4, "--width", 64,
+                  "--height", 64, "--sampler", "dpmpp_sde", "--compat", "a1111", "--rng", "gpu", "--ensd", 31337,
+                  "--variation-seed", 7, "--variation-strength", 0.3, "--out", out, "--quiet")
+    assert run.returncode == 0, run.stderr
+    cli = Image.open(out)
+    assert np.array_equal(np.asarray(result.image), np.asarray(cli.convert("RGB")))
+    assert png_parameters(result.image) == cli.info["parameters"]
+    assert (result.info["subseed"], result.info["subseed_strength"]) == (7, 0.3)
+    assert result.info["sdtorch"]["ignored"] == []
+
+    # A sampler setting A1111 passes to k-diffusion is applied, not ignored; one the sampler lacks is listed.
+    churn = api.txt2img(sampler_name="Euler", s_churn=1.0, **settings)
+    assert "Sigma churn: 1.0" in churn.info["infotexts"][0] and churn.info["sdtorch"]["ignored"] == []
+    plms = api.txt2img(sampler_name="PLMS", s_churn=1.0, **settings)
+    assert plms.info["sdtorch"]["ignored"] == ["s_churn"]
+
+    # The noise source is a server setting, as in A1111; a request's override wins.
+    api.set_options({"randn_source": "CPU"})
+    try:
+        cpu = api.txt2img(sampler_name="Euler a", **settings)
+        out_cpu = tmp_path / "cpu.png"
+        run = run_cli("generate", PROMPT, "--negative", "green", "--seed", 42, "--steps", 6, "--cfg", 4, "--width",
+                      64, "--height", 64, "--sampler", "euler_a", "--compat", "a1111", "--rng", "cpu", "--out",
+                      out_cpu, "--quiet")
+        assert run.returncode == 0, run.stderr
+        assert np.array_equal(np.asarray(cpu.image), np.asarray(Image.open(out_cpu).convert("RGB")))
+        gpu = api.txt2img(sampler_name="Euler a", override_settings={"randn_source": "GPU"}, **settings)
+        assert not np.array_equal(np.asarray(gpu.image), np.asarray(cpu.image))
+    finally:
+        api.set_options({"randn_source": "GPU"})
+
+
+def test_a1111_mode_server_runs_the_page_jobs_in_a1111_mode(a1111_server):
+    """The page's own API (/api/jobs) follows the server's mode too: the same picture as /sdapi/v1/txt2img."""
+    config = requests.get(a1111_server.url + "/api/config", timeout=30).json()
+    assert config["compat"] == "a1111" and "dpm2_a" in {s["name"] for s in config["samplers"]}
+    assert "exponential" in config["schedules"]
+    job = requests.post(a1111_server.url + "/api/jobs", json={"prompt": PROMPT, "steps": 6, "seed": 5, "width": 64,
+                                                              "height": 64, "cfg_scale": 4, "sampler": "dpm2_a"},
+                        timeout=30).json()
+    with requests.get(a1111_server.url + job["events"], stream=True, timeout=120) as stream:
+        done = next(event for kind, event in _events(stream) if kind == "done")
+    ours = Image.open(io.BytesIO(base64.b64decode(done["images"][0].split(",", 1)[1])))
+    assert "sdtorch mode: a1111" in ours.info["parameters"]
+    same = client(a1111_server).txt2img(prompt=PROMPT, steps=6, seed=5, width=64, height=64, cfg_scale=4,
+                                        sampler_name="DPM2 a", scheduler="Uniform")  # the jobs API default
+    assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(same.image))
+
+
+@pytest.mark.parametrize("route, body, status, word", [
+    ("/sdapi/v1/options", {"randn_source": "cuda"}, 422, "GPU, CPU or NV"),
+    ("/sdapi/v1/options", {"sdtorch_compat": "comfy"}, 422, "diffusers, a1111"),
+    ("/sdapi/v1/txt2img", {"sampler_name": "UniPC"}, 400, "valid samplers"),
+    ("/sdapi/v1/txt2img", {"sampler_name": "DDIM", "scheduler": "Karras"}, 400, "own timestep grid"),
+    ("/sdapi/v1/txt2img", {"override_settings": {"eta_noise_seed_delta": -1}}, 422, "eta_noise_seed_delta"),
+])
+def test_a1111_mode_mistakes_are_clear_4xx(a1111_server, route, body, status, word):
+    expect_envelope(requests.post(a1111_server.url + route, json=body, timeout=30), status, word)
+    assert requests.get(a1111_server.url + "/sdapi/v1/options", timeout=30).status_code == 200

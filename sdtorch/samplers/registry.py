@@ -119,10 +119,11 @@ def _a1111(name, display, run, **kw) -> SamplerEntry:
 
 _LINSPACE, _SOLVER, _LEADING = schedules.linspace_timesteps, schedules.solver_timesteps, schedules.leading_timesteps
 _ENTRIES = [
+    # A1111 runs DDIM and PLMS on its own timestep grid (run.a1111_timesteps), no schedule type applying
     SamplerEntry("ddim", "DDIM", timestep_samplers.sample_ddim, "vp", _LEADING, options=("eta",),
-                 note="A1111 mode: A1111 runs DDIM on its own timestep sampler, not reproduced"),
+                 a1111_run=timestep_samplers.sample_ddim),
     SamplerEntry("pndm", "PLMS", timestep_samplers.sample_plms, "vp", _LEADING, repeat_second_timestep=True,
-                 note="A1111 mode: A1111 runs PLMS on its own timestep sampler, not reproduced"),
+                 a1111_run=timestep_samplers.sample_plms),
     _ve("lms", "LMS", sigma_samplers.sample_lms, _LINSPACE, lms_order_from_grid_start=True,
         a1111_run=sigma_samplers.sample_lms),
     _ve("euler", "Euler", sigma_samplers.sample_euler, _LINSPACE, a1111_run=ks.sample_euler),
@@ -196,6 +197,9 @@ def resolve_schedule(entry: SamplerEntry, schedule: str, compat: str = "diffuser
     if compat == "a1111":
         if schedule == AUTOMATIC:
             return entry.a1111_default_schedule
+        if entry.space == "vp" and schedule != "uniform":
+            raise SdtorchError(f"A1111 runs {entry.display_name} on its own timestep grid: no schedule type applies "
+                               f"(got {schedule!r}); accepted: automatic, uniform")
         if schedule not in ALL_SCHEDULE_TYPES:
             raise SdtorchError(f"unknown schedule type {schedule!r}; accepted: {', '.join(ALL_SCHEDULE_TYPES)}")
         return schedule

@@ -196,6 +196,9 @@ def sample_a1111(
     n_train = denoiser.schedule.num_train_timesteps
     if not 1 <= steps <= n_train:
         raise SdtorchError(f"steps must be between 1 and {n_train}, got {steps}")
+    if entry.space == "vp":
+        return _sample_a1111_timesteps(entry, denoiser, noise, steps, noise_source, init_latents, strength, options,
+                                       callback)
     grid_options = {k: float(options.pop(k)) for k in ("rho", "sigma_min", "sigma_max") if k in options}
     sigmas = a1111_sigmas(a1111.label, steps, denoiser.schedule, schedule, **grid_options).to(noise.device)
     if init_latents is None:
@@ -234,6 +237,53 @@ def sample_a1111(
             callback(StepEvent(i, max(total, i + 1), float(sigma), x_vp, denoised))
 
     return entry.a1111_run(model, x, run_sigmas, noise=noise_source, callback=report, **kwargs)
+
+
+def a1111_timesteps(steps: int) -> Tensor:
+    """A1111's timestep grid for DDIM and PLMS, ascending (CompVisSampler.get_timesteps): every
+    1000 // steps-th timestep from 1, clipped to 999, so more than `steps` of them when 1000 % steps != 0."""
+    return (torch.arange(0, 1000, 1000 // steps) + 1).clamp(0, 999)
+
+
+def _sample_a1111_timesteps(entry: SamplerEntry, denoiser, noise, steps, noise_source, init_latents, strength,
+                            options, callback):
+    """DDIM and PLMS as A1111 1.6+ runs them on its own timestep samplers (sd_samplers_timesteps_impl.py), which
+    are ours on A1111's grid: it walks the grid down from its top but stops at its lowest timestep (1) rather
+    than stepping on to abar_0, so a 20-step DDIM evaluates the UNet 19 times. txt2img starts from the unit
+    noise itself; img2img noises the init to timestep t_enc (`int(min(strength, 0.999) * steps)`) of the grid
+    and then denoises from the one below it, as A1111 does. `eta` (DDIM; A1111's "Eta DDIM", 0 by default)
+    draws its noise from `noise_source`, as A1111 draws it from the image's generators."""
+    eta = float(options.pop("eta", 0.0))
+    if eta and entry.name != "ddim" or options:
+        raise SdtorchError(f"option(s) {', '.join(options) or 'eta'} do not apply to {entry.name!r} in A1111 mode; "
+                           f"it takes: {'eta' if entry.name == 'ddim' else 'none'}")
+    grid = a1111_timesteps(steps).to(noise.device)
+    alphas_cumprod = denoiser.schedule.alphas_cumprod.to(noise.device)
+    if init_latents is None:
+        top, x = len(grid) - 1, noise
+    else:
+        if not 0.0 < strength <= 1.0:
+            raise SdtorchError(f"strength must be in (0, 1], got {strength}")
+        top = int(min(strength, 0.999) * steps)  # A1111's t_enc; xi is noised to grid[top], denoised from grid[top - 1]
+        a = alphas_cumprod[grid[top]]
+        x, top = init_latents * a**0.5 + noise * (1 - a) ** 0.5, top - 1
+    timesteps = grid[1 : top + 1].flip(0)  # stops above grid[0], whose abar the last step lands on
+    if len(timesteps) == 0:
+        raise SdtorchError(f"strength {strength} with {steps} steps runs no {entry.display_name} step in A1111 mode; "
+                           "raise strength or steps")
+    kwargs = {"eta": eta} if entry.name == "ddim" else {"stride": 1000 // steps}
+    if entry.repeat_second_timestep and len(timesteps) > 1:  # the warm start's second evaluation, at grid[top - 1]
+        timesteps = torch.cat([timesteps[:2], timesteps[1:]])
+    elif entry.repeat_second_timestep:
+        timesteps = torch.cat([timesteps, timesteps - 1000 // steps])
+    total = len(timesteps) - (1 if entry.repeat_second_timestep else 0)
+
+    def report(i: int, sigma: Tensor, x: Tensor, denoised: Tensor) -> None:
+        if callback is not None:
+            callback(StepEvent(i, total, float(sigma), x, denoised))
+
+    return entry.run(denoiser, x, timesteps, noise=noise_source, callback=report, final_alpha=alphas_cumprod[grid[0]],
+                     **kwargs)
 
 
 # A1111's infotext keys for the sampler settings it records when they differ from its defaults -> our options

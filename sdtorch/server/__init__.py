@@ -38,6 +38,10 @@ def add_serve_parser(commands) -> argparse.ArgumentParser:
     serve.add_argument("--taesd", metavar="PATH", help="TAESD weights (a folder with taesd_decoder.safetensors): the "
                        "live preview decodes through it, and requests may ask for a TAESD final decode "
                        "(override_settings.sd_vae_decode_method: TAESD)")
+    serve.add_argument("--compat", choices=["diffusers", "a1111"], default="diffusers",
+                       help="the sampling path /sdapi/v1 runs: diffusers (default: diffusers' images) or a1111 "
+                       "(AUTOMATIC1111's images: its samplers and schedule types, its GPU noise by default, "
+                       "subseeds, ENSD); /sdapi/v1/options' sdtorch_compat switches it too")
     return serve
 
 
@@ -66,8 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     jobs.start()
     flags = {"listen": args.listen, "port": args.port, "host": host, "queue_size": args.queue_size,
              "api_auth": "<set>" if auth else None, "cors_allow_origins": args.cors_allow_origins,
-             "models": bool(args.models), "device": args.device, "dtype": args.dtype}
-    app = create_app(jobs, auth=auth, cors_origins=origins, max_body_bytes=int(args.max_body_mb * 2**20), flags=flags)
+             "models": bool(args.models), "device": args.device, "dtype": args.dtype, "compat": args.compat}
+    app = create_app(jobs, auth=auth, cors_origins=origins, max_body_bytes=int(args.max_body_mb * 2**20), flags=flags,
+                     compat=args.compat)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     print(f"sdtorch: serving on http://{shown}:{args.port}/ (A1111 API at /sdapi/v1)", flush=True)
     try:

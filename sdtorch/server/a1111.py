@@ -30,6 +30,7 @@ from sdtorch.errors import SdtorchError
 from sdtorch.metadata import parse_parameters
 from sdtorch.request import GenerationRequest
 from sdtorch.samplers import SAMPLERS
+from sdtorch.samplers.registry import ALL_SAMPLERS, COMPAT_MODES, SamplerEntry, resolve_schedule
 from sdtorch.samplers.schedule_types import A1111_SAMPLERS
 from sdtorch.samplers.schedule_types import SCHEDULE_TYPES as A1111_SCHEDULE_TYPES
 
@@ -151,17 +152,33 @@ class PngInfoRequest(BaseModel):
 # Sampler names
 
 
-def _sampler_table() -> dict[str, str]:
+def mode_samplers(compat: str) -> dict[str, SamplerEntry]:
+    """The samplers a mode runs: the default mode's, or every one with an A1111-mode form."""
+    return SAMPLERS if compat == "diffusers" else {n: e for n, e in ALL_SAMPLERS.items() if "a1111" in e.modes}
+
+
+def _sampler_table(compat: str) -> dict[str, str]:
     table = {}
-    for ours, entry in SAMPLERS.items():
+    for ours, entry in mode_samplers(compat).items():
         a1111 = A1111_SAMPLERS.get(entry.display_name)
         for name in (ours, entry.display_name, *(a1111.aliases if a1111 else ())):
             table[name.lower()] = ours
     return table
 
 
-_SAMPLER_NAMES = _sampler_table()
+_SAMPLER_NAMES = {compat: _sampler_table(compat) for compat in COMPAT_MODES}
 _OUR_SCHEDULES = ("automatic", "uniform", "karras")
+
+
+def _mode_schedules(compat: str) -> tuple[str, ...]:
+    return _OUR_SCHEDULES if compat == "diffusers" else tuple(A1111_SCHEDULE_TYPES)
+
+
+def mode_schedules(entry: SamplerEntry, compat: str) -> tuple[str, ...]:
+    """The schedule types a sampler takes in a mode, "automatic" left out."""
+    if compat == "diffusers":
+        return entry.schedules
+    return ("uniform",) if entry.space == "vp" else tuple(n for n in A1111_SCHEDULE_TYPES if n != "automatic")
 
 
 def _schedule_name(text: str) -> str | None:
@@ -172,39 +189,50 @@ def _schedule_name(text: str) -> str | None:
     return None
 
 
-def _split_schedule(low: str, schedule: str | None) -> tuple[str, str | None]:
+def _split_schedule(low: str, schedule: str | None, names: dict[str, str]) -> tuple[str, str | None]:
     """'dpm++ 2m karras' -> ('dpm++ 2m', 'karras'): a trailing schedule type (label, name or alias)."""
     for s in A1111_SCHEDULE_TYPES.values():
         for option in (s.label, s.name, *s.aliases):
             head = low[: -len(option) - 1]
-            if low.endswith(" " + option.lower()) and head in _SAMPLER_NAMES:
+            if low.endswith(" " + option.lower()) and head in names:
                 return head, s.name
     return low, schedule
 
 
-def resolve_sampler(sampler_name: str | None, scheduler: str | None = None) -> tuple[str, str]:
-    """A1111's sampler (and scheduler) names -> (our sampler, our schedule type), or a 400 naming what is valid."""
+def resolve_sampler(sampler_name: str | None, scheduler: str | None = None,
+                    compat: str = "diffusers") -> tuple[str, str]:
+    """A1111's sampler (and scheduler) names -> (our sampler, our schedule type) in the server's mode, or a 400
+    naming what is valid there."""
     name = " ".join((sampler_name or DEFAULT_SAMPLER).split())
+    names, schedules = _SAMPLER_NAMES[compat], _mode_schedules(compat)
     schedule = None
     if scheduler is not None and scheduler.strip():
         schedule = _schedule_name(scheduler)
-        if schedule is None:
+        if schedule not in schedules:
             raise ApiError(400, f"Scheduler not found: {scheduler!r}; valid schedulers: "
-                                f"{', '.join(A1111_SCHEDULE_TYPES[s].label for s in _OUR_SCHEDULES)}")
+                                f"{', '.join(A1111_SCHEDULE_TYPES[s].label for s in schedules)}")
     low = name.lower()
-    if low not in _SAMPLER_NAMES:  # a legacy combined name: "DPM++ 2M Karras"
-        low, schedule = _split_schedule(low, schedule)
-    if low not in _SAMPLER_NAMES:
-        valid = ", ".join(entry.display_name for entry in SAMPLERS.values())
+    if low not in names:  # a legacy combined name: "DPM++ 2M Karras"
+        low, schedule = _split_schedule(low, schedule, names)
+    samplers = mode_samplers(compat)
+    if low not in names:
+        valid = ", ".join(entry.display_name for entry in samplers.values())
         raise ApiError(400, f"Sampler not found: {name!r}; valid samplers: {valid} "
                             "(a name may end in a schedule type: Karras, Uniform)")
-    ours = _SAMPLER_NAMES[low]
+    ours = names[low]
     schedule = schedule or "automatic"
-    accepted = ("automatic", *SAMPLERS[ours].schedules)
+    if compat == "a1111":
+        try:
+            resolve_schedule(samplers[ours], schedule, compat)
+        except SdtorchError as e:
+            raise ApiError(400, str(e)) from None
+        return ours, schedule
+    accepted = ("automatic", *samplers[ours].schedules)
     if schedule not in accepted:
         labels = ", ".join(A1111_SCHEDULE_TYPES[s].label for s in accepted)
-        raise ApiError(400, f"sampler {SAMPLERS[ours].display_name!r} does not run with the "
-                            f"{A1111_SCHEDULE_TYPES[schedule].label!r} schedule here; it takes: {labels}")
+        raise ApiError(400, f"sampler {samplers[ours].display_name!r} does not run with the "
+                            f"{A1111_SCHEDULE_TYPES[schedule].label!r} schedule here; it takes: {labels} "
+                            "(a server started with --compat a1111 lays out every A1111 schedule type)")
     return ours, schedule
 
 
@@ -225,9 +253,35 @@ def _value(value, default):
     return default if value is None else value
 
 
-def _ignored(body: _Common, sampler: str) -> list[str]:
+@dataclass
+class ServerSettings:
+    """What a request that does not say takes from the server (A1111's settings, /sdapi/v1/options): the mode
+    (`serve --compat`), clip skip (CLIP_stop_at_last_layers), the noise source (randn_source: A1111's GPU by
+    default in A1111 mode, the CPU's as diffusers draws it otherwise) and the eta noise seed delta."""
+
+    compat: str = "diffusers"
+    clip_skip: int = 1
+    randn_source: str | None = None  # None: the mode's default
+    ensd: int = 0
+
+    @property
+    def rng(self) -> str:
+        return (self.randn_source or ("GPU" if self.compat == "a1111" else "CPU")).lower()
+
+
+# override_settings keys a request may give (the rest are listed as ignored)
+OVERRIDES = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_ddim", "sd_vae_decode_method", "randn_source",
+             "eta_noise_seed_delta", "eta_ancestral")
+# A1111-mode sampler settings: the request field -> A1111's infotext key, which the request's options carry
+_KDIFFUSION_FIELDS = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax",
+                      "s_noise": "Sigma noise"}
+
+
+def _ignored(body: _Common, sampler: str, compat: str) -> list[str]:
     ignored = []
     hires = bool(getattr(body, "enable_hr", False))
+    a1111 = compat == "a1111"
+    takes = ALL_SAMPLERS[sampler].a1111_options if a1111 else ()
     checks = {
         "hr_sampler_name": hires and body.hr_sampler_name not in (None, "", "Use same sampler", body.sampler_name),
         "hr_scheduler": hires and body.hr_scheduler not in (None, "", "Use same scheduler", body.scheduler),
@@ -237,33 +291,68 @@ def _ignored(body: _Common, sampler: str) -> list[str]:
         "firstphase_width": hires and bool(body.firstphase_width),
         "firstphase_height": hires and bool(body.firstphase_height),
         "restore_faces": bool(body.restore_faces),
-        "tiling": bool(body.tiling), "subseed_strength": bool(body.subseed_strength),
+        "tiling": bool(body.tiling), "subseed_strength": not a1111 and bool(body.subseed_strength),
+        "seed_resize_from_w": not a1111 and _value(body.seed_resize_from_w, -1) > 0,
+        "seed_resize_from_h": not a1111 and _value(body.seed_resize_from_h, -1) > 0,
         "styles": bool(body.styles), "script_name": bool(body.script_name),
         "alwayson_scripts": bool(body.alwayson_scripts), "refiner_checkpoint": bool(body.refiner_checkpoint),
-        "s_churn": bool(body.s_churn), "s_noise": body.s_noise not in (None, 1.0),
-        "s_tmin": bool(body.s_tmin), "s_tmax": bool(body.s_tmax), "s_min_uncond": bool(body.s_min_uncond),
-        "eta": "eta" not in SAMPLERS[sampler].options and body.eta not in (None, 0.0, 1.0),
+        "s_churn": "s_churn" not in takes and bool(body.s_churn),
+        "s_noise": "s_noise" not in takes and body.s_noise not in (None, 1.0),
+        "s_tmin": "s_tmin" not in takes and bool(body.s_tmin), "s_tmax": "s_tmax" not in takes and bool(body.s_tmax),
+        "s_min_uncond": bool(body.s_min_uncond),
+        "eta": "eta" not in ALL_SAMPLERS[sampler].options and "eta" not in takes and body.eta not in (None, 0.0, 1.0),
         "firstpass_image": bool(getattr(body, "firstpass_image", None)),
         "save_images": bool(body.save_images), "infotext": bool(body.infotext),
     }
     ignored += [name for name, used in checks.items() if used]
     for key in (body.override_settings or {}):
-        if key not in ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "eta_ddim", "sd_vae_decode_method"):
+        if key not in OVERRIDES or (key == "eta_ancestral" and "eta" not in takes):
             ignored.append(f"override_settings.{key}")
     return ignored
 
 
-def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Submission:
+def _noise_fields(body: _Common, sampler: str, overrides: dict, settings: ServerSettings) -> dict:
+    """The noise source, and in A1111 mode A1111's noise settings and k-diffusion options, as request fields."""
+    rng = overrides.get("randn_source", settings.rng)
+    if not isinstance(rng, str) or rng.lower() not in ("gpu", "cpu", "nv"):
+        raise ApiError(422, f"randn_source must be GPU, CPU or NV, got {rng!r}", error="ValidationError")
+    fields = {"rng": rng.lower(), "compat": settings.compat}
+    if settings.compat != "a1111":
+        return fields
+    ensd = overrides.get("eta_noise_seed_delta", settings.ensd)
+    if isinstance(ensd, bool) or not isinstance(ensd, int) or ensd < 0:
+        raise ApiError(422, f"eta_noise_seed_delta must be a whole number of 0 or more, got {ensd!r}",
+                       error="ValidationError")
+    fields["ensd"] = ensd
+    if body.subseed_strength:
+        subseed = _value(body.subseed, -1)
+        fields |= {"variation_strength": body.subseed_strength, "variation_seed": None if subseed == -1 else subseed}
+    w, h = _value(body.seed_resize_from_w, -1), _value(body.seed_resize_from_h, -1)
+    if w > 0 and h > 0:
+        fields["seed_resize_from"] = (w, h)
+    takes, options = ALL_SAMPLERS[sampler].a1111_options, {}
+    if "eta" in takes:  # the ancestral samplers' eta (A1111's eta_ancestral, 1 by default)
+        eta = _value(body.eta, overrides.get("eta_ancestral", 1.0))
+        if eta != 1.0:
+            options["Eta"] = str(eta)
+    for name, key in _KDIFFUSION_FIELDS.items():
+        value = getattr(body, name)
+        if name in takes and value is not None and value != {"s_noise": 1.0}.get(name, 0.0):
+            options[key] = str(value)  # A1111: s_tmax 0 means infinity, its default
+    return fields | ({"options": options} if options else {})
+
+
+def to_submission(body: _Common, *, settings: ServerSettings, max_pixels: int) -> Submission:
     """The generation an A1111 request asks for; ApiError 400/404/422 for what cannot be done."""
-    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler, settings.compat)
     overrides = body.override_settings or {}
     model = overrides.get("sd_model_checkpoint")
     if model is not None and not isinstance(model, str):
         raise ApiError(422, "override_settings.sd_model_checkpoint must be a model title")
-    clip = _value(body.clip_skip, overrides.get("CLIP_stop_at_last_layers", clip_skip))
+    clip = _value(body.clip_skip, overrides.get("CLIP_stop_at_last_layers", settings.clip_skip))
     seed = _value(body.seed, -1)
     eta = 0.0
-    if "eta" in SAMPLERS[sampler].options:
+    if "eta" in ALL_SAMPLERS[sampler].options:
         eta = _value(body.eta, overrides.get("eta_ddim", 0.0))
     fields = dict(
         prompt=_value(body.prompt, ""), negative_prompt=_value(body.negative_prompt, ""),
@@ -271,7 +360,7 @@ def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Subm
         seed=None if seed == -1 else seed, width=_value(body.width, 512), height=_value(body.height, 512),
         batch=_value(body.batch_size, 1), eta=eta, clip_skip=clip,
         decoder=_decoder(overrides.get("sd_vae_decode_method", "Full")),
-    )
+    ) | _noise_fields(body, sampler, overrides, settings)
     iterations = _value(body.n_iter, 1)
     if not isinstance(iterations, int) or iterations < 1 or fields["batch"] * iterations > MAX_IMAGES:
         raise ApiError(422, f"batch_size x n_iter must be between 1 and {MAX_IMAGES}, "
@@ -297,8 +386,8 @@ def to_submission(body: _Common, *, clip_skip: int = 1, max_pixels: int) -> Subm
         request.validate()
     except SdtorchError as e:
         raise ApiError(422, str(e), error="ValidationError") from None
-    return Submission(request.with_seed(), iterations, model,
-                      not _value(body.override_settings_restore_afterwards, True), _ignored(body, sampler))
+    keep = not _value(body.override_settings_restore_afterwards, True)
+    return Submission(request.with_seed(), iterations, model, keep, _ignored(body, sampler, settings.compat))
 
 
 def _decoder(method) -> str:
@@ -374,14 +463,18 @@ def info(job, body: _Common, ignored: list[str]) -> str:
     first = outputs[0].request if outputs else job.request
     entry = job.model_entry
     model_name = entry.model_name if entry else None
-    sampler = SAMPLERS[first.sampler].display_name
+    sampler = ALL_SAMPLERS[first.sampler].display_name
+    varied = first.compat == "a1111" and bool(first.variation_strength)  # A1111's subseeds are ours then
+    subseed = first.variation_seed if varied else _value(body.subseed, -1)
+    subseeds = [o.request.variation_seed for o in outputs] if varied else [subseed] * len(outputs)
     schedule = A1111_SCHEDULE_TYPES[first.schedule].label if first.schedule in A1111_SCHEDULE_TYPES else None
     data = {
         "prompt": first.prompt, "all_prompts": [o.request.prompt for o in outputs],
         "negative_prompt": first.negative_prompt, "all_negative_prompts": [o.request.negative_prompt for o in outputs],
         "seed": first.seed, "all_seeds": [o.request.seed for o in outputs],
-        "subseed": _value(body.subseed, -1), "all_subseeds": [_value(body.subseed, -1)] * len(outputs),
-        "subseed_strength": _value(body.subseed_strength, 0), "width": first.width, "height": first.height,
+        "subseed": subseed, "all_subseeds": subseeds,
+        "subseed_strength": first.variation_strength if varied else _value(body.subseed_strength, 0),
+        "width": first.width, "height": first.height,
         "sampler_name": sampler, "scheduler": schedule, "cfg_scale": first.cfg_scale, "steps": first.steps,
         "batch_size": job.request.batch, "restore_faces": False,
         "face_restoration_model": None, "sd_model_name": model_name,
@@ -425,13 +518,16 @@ def png_info(text: dict[str, str]) -> dict:
 # Listings
 
 
-def samplers() -> list[dict]:
+def samplers(compat: str = "diffusers") -> list[dict]:
+    """/sdapi/v1/samplers: the samplers the server's mode runs, with A1111's aliases and options."""
     out = []
-    for ours, entry in SAMPLERS.items():
+    for ours, entry in mode_samplers(compat).items():
         a1111 = A1111_SAMPLERS.get(entry.display_name)
         options = {}
-        if a1111 is not None and a1111.scheduler and a1111.scheduler in entry.schedules:
+        if a1111 is not None and a1111.scheduler and (compat == "a1111" or a1111.scheduler in entry.schedules):
             options["scheduler"] = a1111.scheduler
+        if compat == "a1111" and a1111 is not None and a1111.discard_next_to_last_sigma:
+            options["discard_next_to_last_sigma"] = "True"
         if entry.stochastic:
             options["uses_ensd"] = "True"
         aliases = [*(a1111.aliases if a1111 else ()), ours]
@@ -439,12 +535,14 @@ def samplers() -> list[dict]:
     return out
 
 
-def schedulers() -> list[dict]:
+def schedulers(compat: str = "diffusers") -> list[dict]:
+    """/sdapi/v1/schedulers: the schedule types the server's mode lays out."""
     out = []
-    for name in _OUR_SCHEDULES:
+    for name in _mode_schedules(compat):
         s = A1111_SCHEDULE_TYPES[name]
         out.append({"name": s.name, "label": s.label, "aliases": list(s.aliases) or None,
-                    "default_rho": 7.0 if name == "karras" else -1.0, "need_inner_model": s.needs_model_table})
+                    "default_rho": 7.0 if name == "karras" else (1.0 if name == "polyexponential" else -1.0),
+                    "need_inner_model": s.needs_model_table})
     return out
 
 

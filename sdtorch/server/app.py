@@ -31,7 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdtorch.errors import SdtorchError
 from sdtorch.metadata import parse_parameters, request_fields
-from sdtorch.samplers import SAMPLERS, SCHEDULE_TYPES
+from sdtorch.samplers import SCHEDULE_TYPES
+from sdtorch.samplers.registry import COMPAT_MODES, check_compat
+from sdtorch.samplers.schedule_types import SCHEDULE_TYPES as A1111_SCHEDULE_TYPES
 
 from . import a1111
 from .a1111 import ApiError, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
@@ -165,9 +167,11 @@ async def wait_done(task) -> None:
 
 def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cors_origins: list[str] | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS,
-               max_generation_pixels: int = MAX_GENERATION_PIXELS, flags: dict | None = None) -> FastAPI:
+               max_generation_pixels: int = MAX_GENERATION_PIXELS, flags: dict | None = None,
+               compat: str = "diffusers") -> FastAPI:
     app = FastAPI(title="sdtorch", version=a1111.VERSION, docs_url="/docs", redoc_url=None)
     app.state.jobs = jobs
+    settings = app.state.settings = a1111.ServerSettings(compat=check_compat(compat))  # /sdapi/v1/options
     registry = jobs.registry
 
     # --- errors ----------------------------------------------------------------------------
@@ -232,7 +236,7 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
             raise ApiError(500, "internal error; the server log has the details", error=type(job.error).__name__)
 
     async def a1111_generate(body, kind: str) -> dict:
-        sub = await run_in_threadpool(a1111.to_submission, body, clip_skip=jobs.clip_skip,
+        sub = await run_in_threadpool(a1111.to_submission, body, settings=settings,
                                       max_pixels=max_image_pixels)
         check_size(sub.request)
         entry = find_model(sub.model)
@@ -276,7 +280,9 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
     def options_dict() -> dict:
         entry = jobs.default_entry
         return {"sd_model_checkpoint": entry.title, "sd_checkpoint_hash": entry.sha256, "sd_vae": "Automatic",
-                "CLIP_stop_at_last_layers": jobs.clip_skip, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+                "CLIP_stop_at_last_layers": settings.clip_skip, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+                "randn_source": settings.rng.upper(), "eta_noise_seed_delta": settings.ensd,
+                "sdtorch_compat": settings.compat,
                 "samples_format": "png", "live_previews_enable": True, "show_progress_every_n_steps": 1,
                 "show_progress_type": "TAESD" if jobs.taesd else "Approx cheap", "face_restoration_model": None,
                 "sd_vae_decode_method": "Full",
@@ -303,8 +309,23 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
                     if isinstance(task.error, SdtorchError):
                         raise ApiError(400, str(task.error))
                     raise ApiError(500, "loading the model failed; the server log has the details")
+        rng, ensd, compat = body.get("randn_source"), body.get("eta_noise_seed_delta"), body.get("sdtorch_compat")
+        if rng is not None and (not isinstance(rng, str) or rng.lower() not in ("gpu", "cpu", "nv")):
+            raise ApiError(422, f"randn_source must be GPU, CPU or NV, got {rng!r}", error="ValidationError")
+        if ensd is not None and (isinstance(ensd, bool) or not isinstance(ensd, int) or ensd < 0):
+            raise ApiError(422, f"eta_noise_seed_delta must be a whole number of 0 or more, got {ensd!r}",
+                           error="ValidationError")
+        if compat is not None and compat not in COMPAT_MODES:
+            raise ApiError(422, f"sdtorch_compat must be one of {', '.join(COMPAT_MODES)}, got {compat!r}",
+                           error="ValidationError")
         if clip is not None:
-            jobs.clip_skip = int(clip)
+            settings.clip_skip = int(clip)
+        if rng is not None:
+            settings.randn_source = rng.upper()
+        if ensd is not None:
+            settings.ensd = ensd
+        if compat is not None:
+            settings.compat = compat
         return None
 
     @app.get("/sdapi/v1/sd-models")
@@ -318,11 +339,11 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
 
     @app.get("/sdapi/v1/samplers")
     async def samplers():
-        return a1111.samplers()
+        return a1111.samplers(settings.compat)
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers():
-        return a1111.schedulers()
+        return a1111.schedulers(settings.compat)
 
     @app.get("/sdapi/v1/upscalers")
     async def upscalers():
@@ -376,9 +397,12 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
         return {
             "version": a1111.VERSION, "model": jobs.default_entry.title,
             "models": [e.title for e in registry.entries],
-            "samplers": [{"name": n, "display_name": e.display_name, "schedules": ["automatic", *e.schedules]}
-                         for n, e in SAMPLERS.items()],
-            "schedules": {"automatic": "Automatic", **SCHEDULE_TYPES},
+            "compat": settings.compat,
+            "samplers": [{"name": n, "display_name": e.display_name, "schedules": ["automatic", *a1111.mode_schedules(
+                e, settings.compat)]} for n, e in a1111.mode_samplers(settings.compat).items()],
+            "schedules": {"automatic": "Automatic", **({n: t.label for n, t in A1111_SCHEDULE_TYPES.items()
+                                                        if n != "automatic"} if settings.compat == "a1111"
+                                                       else SCHEDULE_TYPES)},
             "defaults": {"steps": 20, "sampler": "euler_a", "schedule": "uniform",
                          "width": model.config.image_size if model else 512,
                          "height": model.config.image_size if model else 512,
@@ -396,7 +420,8 @@ def create_app(jobs: JobQueue, *, auth: list[tuple[str, str]] | None = None, cor
     @app.post("/api/jobs", status_code=202)
     async def create_job(body: JobRequest):
         try:
-            request = await run_in_threadpool(to_request, body, clip_skip=jobs.clip_skip, max_pixels=max_image_pixels)
+            request = await run_in_threadpool(to_request, body, clip_skip=settings.clip_skip, compat=settings.compat,
+                                              rng=settings.rng, max_pixels=max_image_pixels)
         except SdtorchError as e:
             raise ApiError(400, str(e)) from None
         try:

@@ -278,7 +278,6 @@ class JobQueue:
         self.lora_dir, self.embeddings_dir = lora_dir, embeddings_dir
         self.taesd = taesd  # TAESD weights: every model's live preview, and decoder="taesd" requests
         self.default_entry: ModelEntry = registry.default()
-        self.clip_skip = 1  # A1111's CLIP_stop_at_last_layers: the clip skip of requests that give none
         self.current: Job | None = None
         self._queue: deque[_Task] = deque()
         self._cond = threading.Condition()
