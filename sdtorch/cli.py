@@ -29,7 +29,7 @@ REQUEST_OPTIONS = {
     "inpaint_area": "inpaint_area", "inpaint_padding": "inpaint_padding", "outpaint": "outpaint",
     "hires_scale": "hires_scale", "hires_steps": "hires_steps", "hires_strength": "hires_strength",
     "hires_upscaler": "hires_upscaler", "hires_width": "hires_width", "hires_height": "hires_height",
-    "decoder": "decoder",
+    "decoder": "decoder", "cfg_cutoff": "cfg_cutoff", "deep_cache": "deep_cache",
 }
 DEFAULTS = GenerationRequest()
 
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {DEFAULTS.steps})")
     gen.add_argument("--cfg", type=float, help="classifier-free guidance scale "
                      "(default: the model's own; 7.5 for SD checkpoints)")
+    gen.add_argument("--cfg-cutoff", type=float, metavar="F", help="fast mode: guide only the first fraction F of "
+                     "the steps (e.g. 0.5), then the conditional pass alone: one UNet batch instead of two; "
+                     "changes the image (default: every step guided)")
+    gen.add_argument("--deep-cache", type=int, metavar="N", help="fast mode: DeepCache, the whole UNet every N-th "
+                     "step and its deep features reused between (N=3: about 2x faster UNet steps); changes the "
+                     "image (default: off)")
     gen.add_argument("--sampler", help=f"sampler name (default {DEFAULTS.sampler}; see `sdtorch samplers`)")
     gen.add_argument("--schedule", help=f"schedule type (default {DEFAULTS.schedule}; 'automatic' is A1111's "
                      "default for the sampler; see `sdtorch samplers`)")

@@ -11,13 +11,32 @@ import torch
 from torch import Tensor
 
 from sdtorch.conditioning import Conditioning, added_vector
+from sdtorch.deepcache import FeatureCache
 from sdtorch.diffusion import ModelFn
 from sdtorch.stored_weights import compute_dtype
 from sdtorch.unet import UNet
 
 
+class GuidanceCutoff:
+    """Guidance for the first `fraction` of a sampler's `total` steps, then none: diffusers' CFG cut-off (its
+    documented step-end callback drops the unconditional embeddings and sets the scale to 0 at step index
+    int(total * fraction)), so steps 0 to int(total * fraction) are guided. `step_done` is fed the sampler's
+    StepEvents."""
+
+    def __init__(self, fraction: float, total: int):
+        self.guided_steps, self.done = min(total, int(total * fraction) + 1), 0
+
+    def step_done(self, event) -> None:
+        self.done = event.step + 1
+
+    @property
+    def guiding(self) -> bool:
+        return self.done < self.guided_steps
+
+
 def guided_model(
-    unet: UNet, cond: Conditioning, uncond: Conditioning | None, scale: float, batch: int, downscale: int = 8
+    unet: UNet, cond: Conditioning, uncond: Conditioning | None, scale: float, batch: int, downscale: int = 8,
+    cutoff: GuidanceCutoff | None = None, feature_cache: FeatureCache | None = None,
 ) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) over composable parts (Liu et al. 2022):
     out = out(uncond) + scale * sum_i w_i * (out(part_i) - out(uncond)), every pass of a call in one
@@ -26,8 +45,11 @@ def guided_model(
 
     The conditioning may change over the steps (prompt editing); the step is counted in model calls
     from 1, as A1111's CFGDenoiser counts it. An SDXL UNet also gets each pass's added vector (its
-    pooled text embedding and the image size, `downscale` pixels per latent pixel).
+    pooled text embedding and the image size, `downscale` pixels per latent pixel). With `cutoff`, the steps
+    after it run the conditional passes alone, as without `uncond`; with `feature_cache`, the UNet reuses its deep
+    features between whole steps (DeepCache, `sdtorch.deepcache`).
     """
+    extra = {"cache": feature_cache} if feature_cache is not None else {}
     dtype = compute_dtype(unet)
     calls = 0
     batched: dict[tuple[int, ...], Tensor] = {}  # the (n * B, T, width) context of each combination
@@ -40,7 +62,7 @@ def guided_model(
 
     vectors: dict[tuple, Tensor] = {}  # SDXL: the (n * B, adm) vector of each combination and size
 
-    def vector_for(x: Tensor) -> Tensor | None:
+    def vector_for(x: Tensor, uncond: Conditioning | None) -> Tensor | None:
         pooled = cond.pooled_at(calls)
         if pooled is None:
             return None
@@ -51,14 +73,17 @@ def guided_model(
             vectors[key] = added_vector(torch.cat([p.repeat(batch, 1) for p in pooled]), height, width).to(dtype)
         return vectors[key]
 
+    full_uncond = uncond
+
     def model(x: Tensor, t: Tensor) -> Tensor:
         nonlocal calls
         calls += 1
+        uncond = full_uncond if cutoff is None or cutoff.guiding else None
         parts = cond.at(calls)
         contexts = ([uncond.at(calls)[0][1]] if uncond is not None else []) + [c for _, c in parts]
         n = len(contexts)
         x_in = torch.cat([x] * n).to(dtype) if n > 1 else x.to(dtype)
-        out = unet(x_in, t, context_for(contexts), vector_for(x)).float()
+        out = unet(x_in, t, context_for(contexts), vector_for(x, uncond), **extra).float()
         outs = out.chunk(n)
         if uncond is None:
             if len(parts) == 1 and parts[0][0] == 1.0:

@@ -312,7 +312,8 @@ def _fold_schedule(sampler: str, schedule: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Requests <-> records.
 
-_NUMERIC_OPTIONS = {"Clip skip": "clip_skip", "Eta DDIM": "eta"}
+# the last two are ours (fast modes)
+_NUMERIC_OPTIONS = {"Clip skip": "clip_skip", "Eta DDIM": "eta", "CFG cutoff": "cfg_cutoff", "DeepCache": "deep_cache"}
 _EMPHASIS_FROM_LABEL = {label: ours for ours, label in EMPHASIS.items()}
 # Our record of the sampling path: "diffusers" or "a1111". Its presence also says sdtorch wrote the record; a
 # record without it is A1111's (or Forge's), which --from-png regenerates in A1111 mode.
@@ -349,6 +350,10 @@ def params_of(
         extra["Clip skip"] = str(request.clip_skip)
     if request.eta != 0.0:
         extra["Eta DDIM"] = _number(request.eta)
+    if request.cfg_cutoff is not None:
+        extra["CFG cutoff"] = _number(request.cfg_cutoff)
+    if request.deep_cache is not None:
+        extra["DeepCache"] = str(request.deep_cache)
     if request.emphasis != "original":  # A1111 writes the emphasis when it is not its default
         extra["Emphasis"] = EMPHASIS[request.emphasis]
     if request.variation_strength:
@@ -496,7 +501,7 @@ def request_fields(params: GenerationParams) -> dict:
         if key in _NOISE_KEYS:
             continue
         if key in _NUMERIC_OPTIONS:
-            kind = int if _NUMERIC_OPTIONS[key] == "clip_skip" else float
+            kind = int if _NUMERIC_OPTIONS[key] in ("clip_skip", "deep_cache") else float
             fields[_NUMERIC_OPTIONS[key]] = _convert(key, value, kind)
         elif key == "Emphasis" and value in _EMPHASIS_FROM_LABEL:
             fields["emphasis"] = _EMPHASIS_FROM_LABEL[value]

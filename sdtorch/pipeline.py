@@ -27,9 +27,10 @@ from sdtorch import memory
 from sdtorch.adapters.library import Adapters, PromptAdapters
 from sdtorch.adapters.lora import apply_loras
 from sdtorch.conditioning import DualPromptEncoder, PromptEncoder, embeddings_in, encode
+from sdtorch.deepcache import FeatureCache
 from sdtorch.diffusion import Denoiser
 from sdtorch.errors import SdtorchError
-from sdtorch.guidance import guided_model
+from sdtorch.guidance import GuidanceCutoff, guided_model
 from sdtorch.hires import hires_pass
 from sdtorch.images import prepare_init_image, to_pil
 from sdtorch.inpaint import inpaint, is_inpainting_model
@@ -49,6 +50,7 @@ from sdtorch.samplers import (
     sample_a1111,
 )
 from sdtorch.samplers.philox import PhiloxGenerator
+from sdtorch.samplers.run import img2img_start
 from sdtorch.samplers.schedule_types import compvis_schedule
 from sdtorch.tiling import check_tiling, vae_tiling
 from sdtorch.tiling import encode as tiled_encode
@@ -91,6 +93,17 @@ def _chunk(request: GenerationRequest, start: int, n: int) -> GenerationRequest:
     seed = request.seed if request.variation_strength else request.seed + start
     variation = None if request.variation_seed is None else request.variation_seed + start
     return request.replace(seed=seed, batch=n, variation_seed=variation)
+
+
+def _chain(first: StepCallback, then: StepCallback | None) -> StepCallback:
+    """A step callback that calls `first`, then `then` (if any)."""
+
+    def both(event) -> None:
+        first(event)
+        if then is not None:
+            then(event)
+
+    return both
 
 
 def default_model_path() -> Path:
@@ -295,8 +308,16 @@ class Pipeline:
             images = a1111_images(self.decode(latents, request))
             return GenerationResult(images, request, latents, time.perf_counter() - started)
         init_latents, noise = self.start_latents(request, generators)
+        cutoff = feature_cache = None  # the fast modes, each fed the sampler's steps
+        if request.cfg_cutoff is not None and uncond is not None:  # guidance for the first steps only
+            run = request.steps - (img2img_start(request.steps, request.strength) if request.img2img else 0)
+            cutoff = GuidanceCutoff(request.cfg_cutoff, run)
+            callback = _chain(cutoff.step_done, callback)
+        if request.deep_cache is not None:  # deep UNet features reused between whole steps
+            feature_cache = FeatureCache(request.deep_cache)
+            callback = _chain(feature_cache.step_done, callback)
         denoiser = Denoiser(guided_model(model.unet, cond, uncond, request.cfg_scale, request.batch,
-                                         model.latent_format.downscale),
+                                         model.latent_format.downscale, cutoff, feature_cache),
                             model.schedule, model.config.prediction_type)
         latents = sample(
             request.sampler,

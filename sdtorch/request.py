@@ -72,6 +72,12 @@ class GenerationRequest:
     hires_height: int | None = None
     decoder: str = "vae"  # the final decode: "vae" (the model's, or --vae's) or "taesd" (the tiny autoencoder)
     eta: float = 0.0  # DDIM's eta (Song et al. 2020): 0 deterministic
+    # A fast mode: guidance for this fraction of the steps only, the conditional pass alone after it (one UNet
+    # batch instead of two; diffusers' "CFG cut-off" callback). None: every step guided
+    cfg_cutoff: float | None = None
+    # A fast mode: DeepCache (sdtorch.deepcache), the whole UNet every deep_cache-th step, its deep features
+    # reused between. None: off
+    deep_cache: int | None = None
     clip_skip: int = 1
     emphasis: str = "original"  # A1111's: "original" (weights, then the mean restored) or "no_norm"
     # Where the noise comes from and whose sampling path runs (sdtorch.samplers.noise, samplers.run):
@@ -141,6 +147,16 @@ class GenerationRequest:
             raise SdtorchError(f"eta applies to the ddim sampler only, not {self.sampler!r}")
         if not 0 <= self.eta <= 1:
             raise SdtorchError(f"eta must be between 0 and 1, got {self.eta}")
+        if self.cfg_cutoff is not None and (not _is_number(self.cfg_cutoff) or not 0 < self.cfg_cutoff <= 1):
+            raise SdtorchError(f"CFG cut-off must be a fraction of the steps above 0 and at most 1 (e.g. 0.5), "
+                               f"got {self.cfg_cutoff}")
+        if self.deep_cache is not None and (not _is_int(self.deep_cache) or self.deep_cache < 2):
+            raise SdtorchError(f"DeepCache's interval must be a whole number of steps of at least 2 (e.g. 3), "
+                               f"got {self.deep_cache}")
+        for name, on in (("CFG cut-off", self.cfg_cutoff is not None), ("DeepCache", self.deep_cache is not None)):
+            if on and (self.compat == "a1111" or self.mask is not None or self.outpaint):
+                raise SdtorchError(f"{name} runs in text-to-image and image-to-image of the default mode only "
+                                   "(not with --compat a1111, a mask or outpainting)")
         if not _is_int(self.batch) or self.batch < 1:
             raise SdtorchError(f"batch must be at least 1, got {self.batch}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED - self.batch):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdtorch.config import UNetConfig
+from sdtorch.deepcache import FeatureCache
 from sdtorch.layers import AttentionFn, Downsample, Upsample, attention, group_norm, timestep_embedding
 
 
@@ -195,21 +196,30 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> torch.Tensor:
+        """With `cache` (the DeepCache fast mode, `sdtorch.deepcache`), a step that reuses the cached deep
+        feature runs only conv_in, the last output block and the head; a whole step refreshes it."""
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4*ch)
         if hasattr(self, "label_emb"):
             if y is None:
                 raise ValueError("this UNet (SDXL) needs the added conditioning vector y")
             emb = emb + self.label_emb(y.to(emb.dtype))
+        deep = cache.usable(x.shape) if cache is not None else None
+        if deep is not None:
+            h = torch.cat([deep, self.input_blocks[0](x, emb, context)], dim=1)
+            return self.out(self.output_blocks[-1](h, emb, context))
         skips = []
         h = x
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        for i, block in enumerate(self.output_blocks):
+            if cache is not None and i == len(self.output_blocks) - 1:
+                cache.keep(h)
             h = torch.cat([h, skips.pop()], dim=1)
             # Upsample to the next skip's size, which is not 2x when a level had an odd size.
             h = block(h, emb, context, upsample_size=skips[-1].shape[-2:] if skips else None)

@@ -260,3 +260,61 @@ def test_a_schedule_we_cannot_reproduce_is_refused_at_load(tmp_path):
         (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD_SCHEDULER | change))
         with pytest.raises(CheckpointError, match=message):
             load_model(tmp_path)
+
+
+@pytest.mark.parametrize("sampler, fraction", [("euler", 0.2), ("dpmpp_2m", 0.5)])
+def test_cfg_cutoff_equals_diffusers_cutoff_callback(tiny, sampler, fraction):
+    """The CFG cut-off fast mode against diffusers' documented way of doing it: a step-end callback that, at step
+    index int(steps * fraction), keeps only the conditional embeddings and sets the guidance scale to 0."""
+    ours, components = tiny
+    steps, seed = 10, 9
+    result = ours.generate(PROMPT, negative_prompt=NEGATIVE, sampler=sampler, seed=seed, width=32, height=32,
+                           steps=steps, cfg_scale=7.5, cfg_cutoff=fraction, progress=False)
+
+    def cutoff(pipe, step_index, timestep, callback_kwargs):
+        if step_index == int(pipe.num_timesteps * fraction):
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return callback_kwargs
+
+    ref = diffusers_pipeline(components, sampler)
+    expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=32,
+                   width=32, generator=[torch.Generator("cpu").manual_seed(seed)], callback_on_step_end=cutoff,
+                   callback_on_step_end_tensor_inputs=["prompt_embeds"]).images
+    exact = ours.generate(PROMPT, negative_prompt=NEGATIVE, sampler=sampler, seed=seed, width=32, height=32,
+                          steps=steps, cfg_scale=7.5, progress=False)
+    levels, changed = max_level_difference(result.images, expected), max_level_difference(result.images, exact.images)
+    print(f"{sampler} cut-off {fraction}: {levels} levels from diffusers' cut-off, {changed} from exact mode")
+    assert levels <= 2
+    assert changed > 2  # the cut-off changes the picture: the comparison above can fail
+    from sdtorch.metadata import infotext, request_from_infotext
+
+    text = infotext(result.per_image()[0])
+    assert f"CFG cutoff: {fraction}" in text and request_from_infotext(text).cfg_cutoff == fraction
+
+
+@pytest.mark.parametrize("sampler, interval", [("euler", 3), ("dpmpp_2m", 2)])
+def test_deep_cache_equals_the_authors_diffusers_helper(tiny, sampler, interval):
+    """The DeepCache fast mode against its authors' own implementation (the DeepCache package's
+    DeepCacheSDHelper, which wraps a diffusers pipeline's UNet blocks), branch 0, on the same weights."""
+    from DeepCache import DeepCacheSDHelper
+
+    ours, components = tiny
+    steps, seed = 9, 4
+    settings = dict(negative_prompt=NEGATIVE, sampler=sampler, seed=seed, width=32, height=32, steps=steps,
+                    cfg_scale=7.5, progress=False)
+    result = ours.generate(PROMPT, deep_cache=interval, **settings)
+    ref = diffusers_pipeline(components, sampler)
+    helper = DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=interval, cache_branch_id=0)
+    helper.enable()
+    try:
+        expected = ref(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5, height=32,
+                       width=32, generator=[torch.Generator("cpu").manual_seed(seed)]).images
+    finally:
+        helper.disable()
+    exact = ours.generate(PROMPT, **settings)
+    levels, changed = max_level_difference(result.images, expected), max_level_difference(result.images, exact.images)
+    print(f"{sampler} DeepCache {interval}: {levels} levels from the authors' helper, {changed} from exact mode")
+    assert levels <= 2
+    assert changed > 2  # reusing features changes the picture: the comparison above can fail
