@@ -367,8 +367,8 @@ def regeneration_fields(text: str) -> tuple[dict, list[str]]:
             _, unused = a1111_options(entry.name, schedule, options)
             for key in unused:
                 notes.append(f"{key}: {options.pop(key)} does not apply to {entry.display_name}: not applied")
-            if entry.note and not entry.note.startswith("as many"):
-                notes.append(f"sampler {entry.display_name}: {entry.note}")
+            if entry.a1111_caveat:
+                notes.append(f"sampler {entry.display_name}: {entry.a1111_caveat}")
     hires = [key for key in options if key.startswith("Hires")]
     if hires:
         strength = fields.pop("strength", None)  # with hires fix, A1111's Denoising strength is the second pass's

@@ -359,3 +359,77 @@ def test_timestep_samplers_take_no_schedule_type_in_a1111_mode(both):
     pipe, _ = both
     with pytest.raises(SdtorchError, match="own timestep grid"):
         ours(pipe, "ddim", [1], schedule="karras")
+
+
+# --- LCM: A1111's own denoiser -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def a1111_lcm_reference(components, *, seeds, steps=STEPS):
+    """A1111's LCM sampler (sd_samplers_lcm.py) rebuilt on k-diffusion's DiscreteEpsDDPMDenoiser: the model's
+    alphas_cumprod at timesteps 19, 39, ..., 999, the UNet at the nearest of them, the consistency boundary
+    condition (sigma_data 0.5, timestep x 10), guidance on its output, the grid of its own get_sigmas, and
+    A1111's sample_lcm loop with the image generators' noise."""
+    kd = load_kdiffusion()
+    tok, text, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
+
+    def ids(prompt):
+        return tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    batch = len(seeds)
+    cond, uncond = text(ids(PROMPT))[0].repeat(batch, 1, 1), text(ids(NEGATIVE))[0].repeat(batch, 1, 1)
+    inner = CompVisModel(unet)
+
+    class LCMDenoiser(kd.external.DiscreteEpsDDPMDenoiser):
+        def __init__(self):
+            super().__init__(inner, inner.alphas_cumprod[19::20].clone(), quantize=None)
+
+        def sigma_to_t(self, sigma, quantize=None):
+            return (sigma.log() - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape) * 20 + 19
+
+        def t_to_sigma(self, t):
+            return super().t_to_sigma(torch.clamp(((t - 19) / 20).float(), min=0, max=len(self.sigmas) - 1))
+
+        def get_eps(self, *args, **kwargs):
+            return self.inner_model.apply_model(*args, **kwargs)
+
+        def forward(self, x, sigma, **kwargs):
+            c_out, c_in = [kd.sampling.utils.append_dims(v, x.ndim) for v in self.get_scalings(sigma)]
+            eps = self.get_eps(x * c_in, self.sigma_to_t(sigma), **kwargs)
+            scaled = kd.sampling.utils.append_dims(self.sigma_to_t(sigma), x.ndim) * 10.0
+            c_skip, c_out2 = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+            return c_out2 * (x + eps * c_out) + c_skip * x
+
+    denoiser = LCMDenoiser()
+
+    def cfg_model(x, sigma):
+        out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+        d_cond, d_uncond = out.chunk(2)
+        return d_uncond + (d_cond - d_uncond) * CFG
+
+    start, end = denoiser.sigma_to_t(denoiser.sigma_max), denoiser.sigma_to_t(denoiser.sigma_min)
+    sigmas = kd.sampling.append_zero(denoiser.t_to_sigma(torch.linspace(start, end, steps)))
+    generators = ImageGenerators(seeds, (4, SIZE // F, SIZE // F))
+    x = generators.first() * sigmas[0]
+    s_in = x.new_ones([batch])
+    for i in range(len(sigmas) - 1):  # A1111's sample_lcm
+        x = cfg_model(x, sigmas[i] * s_in)
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * generators.next()
+    images = ((vae.decode(x / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
+    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    return x, [Image.fromarray(p) for p in pixels]
+
+
+def test_lcm_equals_a1111s_lcm_sampler(both):
+    pipe, components = both
+    seeds = [21, 22]
+    result = ours(pipe, "lcm", seeds, rng="cpu")
+    ref_latents, ref_images = a1111_lcm_reference(components, seeds=seeds)
+    levels, latent_diff = level_difference(result.images, ref_images), (result.latents - ref_latents).abs().max()
+    plain = ours(pipe, "euler_a", seeds, rng="cpu")
+    print(f"LCM: max level difference {levels}, max |latent diff| {latent_diff:.1e}, mid-tones "
+          f"{mid_tones(ref_images):.0%}; Euler a on the same noise is {level_difference(plain.images, ref_images)} "
+          "levels away")
+    assert mid_tones(ref_images) > 0.2
+    assert levels <= 2 and latent_diff < 1e-3

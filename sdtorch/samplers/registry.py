@@ -65,6 +65,7 @@ class SamplerEntry:
     # A1111 mode: the k-diffusion-equal loop it runs there (None: A1111 runs it otherwise, or not at all)
     a1111_run: Callable[..., Tensor] | None = None
     note: str = ""  # what a user should know (`sdtorch samplers` prints it)
+    a1111_caveat: str = ""  # how it falls short of A1111's image, said when a PNG asks for it
 
     @property
     def supports_karras(self) -> bool:
@@ -151,9 +152,10 @@ _ENTRIES = [
     _a1111("dpm_adaptive", "DPM adaptive", ks.sample_dpm_adaptive, stochastic=True,
            note="as many steps as its error control takes"),
     _a1111("lcm", "LCM", ks.sample_lcm, stochastic=True,
-           note="the loop only: A1111's LCM denoiser (its own timestep table) is not reproduced"),
+           note="on A1111's LCM denoiser: 50 timesteps, the consistency boundary condition (for LCM models)"),
     _a1111("restart", "Restart", ks.sample_restart, stochastic=True,
-           note="A1111 draws its restart noise from the global RNG: not reproducible there either"),
+           note="A1111 draws its restart noise from the global RNG: not reproducible there either",
+           a1111_caveat="A1111 draws its restart noise from its unseeded global RNG: not reproducible there either"),
 ]
 ALL_SAMPLERS: dict[str, SamplerEntry] = {entry.name: entry for entry in _ENTRIES}
 # The samplers of the default (diffusers-equal) mode: a view of the table.

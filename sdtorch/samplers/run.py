@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdtorch.diffusion import Denoiser
+from sdtorch.diffusion import Denoiser, NoiseSchedule
 from sdtorch.errors import SdtorchError
 
 from .kdiffusion_samplers import BrownianTreeNoise, _restart_segments
@@ -200,7 +200,9 @@ def sample_a1111(
         return _sample_a1111_timesteps(entry, denoiser, noise, steps, noise_source, init_latents, strength, options,
                                        callback)
     grid_options = {k: float(options.pop(k)) for k in ("rho", "sigma_min", "sigma_max") if k in options}
-    sigmas = a1111_sigmas(a1111.label, steps, denoiser.schedule, schedule, **grid_options).to(noise.device)
+    # A1111's LCM runs on its own denoiser: a 50-entry table of the model's schedule (lcm_table)
+    table_schedule = lcm_table(denoiser.schedule) if entry.name == "lcm" else denoiser.schedule
+    sigmas = a1111_sigmas(a1111.label, steps, table_schedule, schedule, **grid_options).to(noise.device)
     if init_latents is None:
         run_sigmas, x = sigmas, noise * sigmas[0]
         if entry.range_only:  # A1111 passes the model's sigma range and n = steps (only those are read)
@@ -223,12 +225,14 @@ def sample_a1111(
             raise SdtorchError(f"{name!r} draws Brownian-tree noise seeded per image: give one seed per image")
         noise_source = BrownianTreeNoise.over(noise, sigmas, list(seeds))
 
-    table = DiscreteSigmas(denoiser.schedule)
+    table = DiscreteSigmas(table_schedule)
     total = len(run_sigmas) - 1
     if entry.name == "restart":
         total = len(_restart_segments(run_sigmas, None))
 
     def model(x: Tensor, sigma: Tensor) -> Tensor:
+        if entry.name == "lcm":
+            return _lcm_denoise(denoiser, table, x, sigma)
         return denoiser.denoise(x, sigma, table.sigma_to_t(sigma.cpu()).to(x.device))
 
     def report(i: int, sigma: Tensor, x: Tensor, denoised: Tensor) -> None:
@@ -237,6 +241,30 @@ def sample_a1111(
             callback(StepEvent(i, max(total, i + 1), float(sigma), x_vp, denoised))
 
     return entry.a1111_run(model, x, run_sigmas, noise=noise_source, callback=report, **kwargs)
+
+
+LCM_ORIGINAL_STEPS = 50  # the timesteps LCM was distilled on ("LCM Original Timesteps" in A1111)
+
+
+def lcm_table(schedule: NoiseSchedule) -> NoiseSchedule:
+    """The schedule A1111's LCMCompVisDenoiser holds (sd_samplers_lcm.py): the model's alphas_cumprod at the 50
+    timesteps LCM was distilled on, 19, 39, ..., 999; table entry k is timestep 20k + 19."""
+    skip = schedule.num_train_timesteps // LCM_ORIGINAL_STEPS
+    return NoiseSchedule(schedule.alphas_cumprod[skip - 1 :: skip].clone())
+
+
+def _lcm_denoise(denoiser: Denoiser, table: DiscreteSigmas, x: Tensor, sigma: Tensor) -> Tensor:
+    """A1111's LCM denoiser: the UNet at the nearest of LCM's timesteps (no interpolation), then the consistency
+    model's boundary condition (Luo et al. 2023, eq. 9; sigma_data 0.5, timestep scaled by 10) between that
+    denoised estimate and x."""
+    skip = denoiser.schedule.num_train_timesteps // LCM_ORIGINAL_STEPS
+    nearest = (torch.as_tensor(sigma, dtype=torch.float32).cpu().log() - table.log_sigmas).abs().argmin()
+    t = nearest * skip + (skip - 1)  # a 0-d timestep, as the samplers' sigma is
+    denoised = denoiser.denoise(x, sigma, t.to(x.device))
+    scaled = float(t) * 10.0
+    c_skip = 0.25 / (scaled**2 + 0.25)
+    c_out = scaled / (scaled**2 + 0.25) ** 0.5
+    return c_out * denoised + c_skip * x
 
 
 def a1111_timesteps(steps: int) -> Tensor:
