@@ -306,7 +306,8 @@ def _ignored(body: _Common, sampler: str, compat: str) -> list[str]:
     }
     ignored += [name for name, used in checks.items() if used]
     for key in (body.override_settings or {}):
-        if key not in OVERRIDES or (key == "eta_ancestral" and "eta" not in takes):
+        a1111_only = key == "eta_noise_seed_delta" and not a1111 or key == "eta_ancestral" and "eta" not in takes
+        if key not in OVERRIDES or a1111_only:
             ignored.append(f"override_settings.{key}")
     return ignored
 
