@@ -15,6 +15,8 @@ from torch import Tensor
 
 
 class FeatureCache:
+    """One generation's cache: the interval, the steps done so far, and the last whole step's deep feature."""
+
     def __init__(self, interval: int):
         self.interval, self.step, self.feature = interval, 0, None
 
