@@ -105,18 +105,31 @@ def hijacked(kd, rng):
         kd.sampling.torch = saved
 
 
+def reference_contexts(components, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' CLIP on PROMPT and NEGATIVE, padded to 77 as A1111 pads them, repeated for the batch."""
+    tok, text = components["tokenizer"], components["text_encoder"]
+
+    def encode(prompt):
+        ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        return text(ids)[0].repeat(batch, 1, 1)
+
+    return encode(PROMPT), encode(NEGATIVE)
+
+
+def reference_images(vae, latents) -> list[Image.Image]:
+    """diffusers' VAE decode, then A1111's 8-bit conversion (truncation)."""
+    images = ((vae.decode(latents / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
+    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
+    return [Image.fromarray(p) for p in pixels]
+
+
 @torch.no_grad()
 def a1111_reference(components, function, *, seeds, schedule="uniform", discard=False, brownian=False,
                     rng="cpu", ensd=0, init_image=None, strength=None, extra=None):
     kd = load_kdiffusion()
-    tok, text, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
-
-    def encode(prompt):
-        ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return text(ids)[0]
-
+    unet, vae = components["unet"], components["vae"]
     batch = len(seeds)
-    cond, uncond = encode(PROMPT).repeat(batch, 1, 1), encode(NEGATIVE).repeat(batch, 1, 1)
+    cond, uncond = reference_contexts(components, batch)
     denoiser = kd.external.CompVisDenoiser(CompVisModel(unet), quantize=False)
 
     def cfg_model(x, sigma, **_):  # A1111's CFGDenoiser
@@ -147,9 +160,7 @@ def a1111_reference(components, function, *, seeds, schedule="uniform", discard=
         kwargs["noise_sampler"] = kd.sampling.BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed=seeds)
     with hijacked(kd, generators):
         latents = getattr(kd.sampling, function)(cfg_model, x, sched, disable=True, **kwargs)
-    images = ((vae.decode(latents / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
-    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)  # A1111 truncates
-    return latents, [Image.fromarray(p) for p in pixels]
+    return latents, reference_images(vae, latents)
 
 
 def ours(pipe, sampler, seeds, **kw):
@@ -264,14 +275,9 @@ def a1111_timestep_reference(components, sampler, *, seeds, steps=STEPS, eta=0.0
     timestep and not beyond, with the CompVis alphas_cumprod, guidance on eps, and A1111's generators."""
     from diffusers import DDIMScheduler, PNDMScheduler
 
-    tok, text, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
-
-    def encode(prompt):
-        ids = tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        return text(ids)[0]
-
+    unet, vae = components["unet"], components["vae"]
     batch = len(seeds)
-    cond, uncond = encode(PROMPT).repeat(batch, 1, 1), encode(NEGATIVE).repeat(batch, 1, 1)
+    cond, uncond = reference_contexts(components, batch)
     common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                   set_alpha_to_one=False)
     scheduler = (DDIMScheduler(clip_sample=False, **common) if sampler == "ddim"
@@ -304,9 +310,7 @@ def a1111_timestep_reference(components, sampler, *, seeds, steps=STEPS, eta=0.0
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=generators.next()).prev_sample
         else:
             x = scheduler.step(eps, t, x).prev_sample
-    images = ((vae.decode(x / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
-    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
-    return x, [Image.fromarray(p) for p in pixels]
+    return x, reference_images(vae, x)
 
 
 @pytest.mark.parametrize("sampler, steps, extra", [
@@ -371,13 +375,9 @@ def a1111_lcm_reference(components, *, seeds, steps=STEPS):
     condition (sigma_data 0.5, timestep x 10), guidance on its output, the grid of its own get_sigmas, and
     A1111's sample_lcm loop with the image generators' noise."""
     kd = load_kdiffusion()
-    tok, text, unet, vae = (components[k] for k in ("tokenizer", "text_encoder", "unet", "vae"))
-
-    def ids(prompt):
-        return tok([prompt], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-
+    unet, vae = components["unet"], components["vae"]
     batch = len(seeds)
-    cond, uncond = text(ids(PROMPT))[0].repeat(batch, 1, 1), text(ids(NEGATIVE))[0].repeat(batch, 1, 1)
+    cond, uncond = reference_contexts(components, batch)
     inner = CompVisModel(unet)
 
     class LCMDenoiser(kd.external.DiscreteEpsDDPMDenoiser):
@@ -416,9 +416,7 @@ def a1111_lcm_reference(components, *, seeds, steps=STEPS):
         x = cfg_model(x, sigmas[i] * s_in)
         if sigmas[i + 1] > 0:
             x = x + sigmas[i + 1] * generators.next()
-    images = ((vae.decode(x / SCALE).sample + 1.0) / 2.0).clamp(0, 1)
-    pixels = (255.0 * images.permute(0, 2, 3, 1).numpy()).astype(np.uint8)
-    return x, [Image.fromarray(p) for p in pixels]
+    return x, reference_images(vae, x)
 
 
 def test_lcm_equals_a1111s_lcm_sampler(both):
