@@ -40,8 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?")
     parser.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--weights", default="compute", choices=["compute", "stored"],
-                        help="stored: keep a 16-bit file's weights as stored for fp32 compute")
+    parser.add_argument("--weights", default="compute", choices=["compute", "stored", "int8"],
+                        help="stored: keep a 16-bit file's weights as stored (mapped) for fp32 compute; int8: "
+                             "the UNet's quantised")
     args = parser.parse_args()
     if args.checkpoint:
         print(json.dumps(measure(Path(args.checkpoint), args.dtype, args.weights)))

@@ -125,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default fp16 on a GPU; on the CPU bf16 where "
                      "it is native (AVX512-BF16, AMX), else fp32")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default auto)")
-    gen.add_argument("--weights", choices=["compute", "stored"], help="stored: keep a 16-bit file's weights as stored "
-                     "and widen them per layer for fp32 compute (the same image, about half the weight memory, "
-                     "a little slower); compute (default): widen them all at load")
+    gen.add_argument("--weights", choices=["compute", "stored", "int8"], help="stored (default on a CPU): keep a "
+                     "16-bit file's weights as stored and widen them per layer for fp32 compute (the same image, "
+                     "half the weight memory); compute: widen them all at load; int8: the UNet's weights "
+                     "quantised to int8 (a quarter of fp32's memory; the image changes a little)")
+    gen.add_argument("--low-memory", action="store_true", help="the least memory: --weights int8, guidance's "
+                     "passes one after the other, freed memory returned at once (the image changes a little; "
+                     "slower)")
     gen.add_argument("--compile", action="store_true", help="torch.compile the UNet (inductor): faster steps after "
                      "compiling at the first step of each size (a minute or more on a CPU; reported)")
     gen.add_argument("--keep-freed-memory", action="store_true", help="the allocator keeps freed memory for reuse "
@@ -296,7 +300,8 @@ def load_pipeline(args: argparse.Namespace, request: GenerationRequest):
     vae = {"vae": args.vae} if getattr(args, "vae", None) else {}  # --vae, where the command has it
     if getattr(args, "taesd", None):  # --taesd, likewise
         vae["taesd"] = args.taesd
-    runtime = {"weights": getattr(args, "weights", None), "compile": getattr(args, "compile", False),
+    runtime = {"weights": getattr(args, "weights", None), "low_memory": getattr(args, "low_memory", False),
+               "compile": getattr(args, "compile", False),
                "keep_freed": getattr(args, "keep_freed_memory", False)}
     pipe = Pipeline.load(args.model or default_model_path(), device=args.device, dtype=args.dtype,
                          lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir, **vae, **runtime)

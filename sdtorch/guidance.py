@@ -7,6 +7,10 @@ estimate are affine in the output for a fixed x, guiding any of them gives the s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
@@ -15,6 +19,21 @@ from sdtorch.deepcache import FeatureCache
 from sdtorch.diffusion import ModelFn
 from sdtorch.stored_weights import compute_dtype
 from sdtorch.unet import UNet
+
+_IN_TURN: ContextVar[bool] = ContextVar("sdtorch_guidance_in_turn", default=False)
+
+
+@contextmanager
+def passes_in_turn(enabled: bool = True) -> Iterator[None]:
+    """Within it, guidance runs its passes (unconditional, each conditional part) as separate UNet calls
+    rather than one batched call: about half the UNet's activation memory for CFG (the low-memory mode),
+    at the same speed on a CPU; the outputs equal the batched call's to float rounding (kernels may
+    block a batch of one differently). Not with DeepCache, whose cache holds one batched call."""
+    token = _IN_TURN.set(enabled)
+    try:
+        yield
+    finally:
+        _IN_TURN.reset(token)
 
 
 class GuidanceCutoff:
@@ -83,8 +102,13 @@ def guided_model(
         contexts = ([uncond.at(calls)[0][1]] if uncond is not None else []) + [c for _, c in parts]
         n = len(contexts)
         x_in = torch.cat([x] * n).to(dtype) if n > 1 else x.to(dtype)
-        out = unet(x_in, t, context_for(contexts), vector_for(x, uncond), **extra).float()
-        outs = out.chunk(n)
+        context, vector = context_for(contexts), vector_for(x, uncond)
+        if n > 1 and _IN_TURN.get() and feature_cache is None:
+            rows = x.shape[0]
+            part = [slice(i * rows, (i + 1) * rows) for i in range(n)]
+            outs = [unet(x_in[p], t, context[p], None if vector is None else vector[p]).float() for p in part]
+        else:
+            outs = unet(x_in, t, context, vector, **extra).float().chunk(n)
         if uncond is None:
             if len(parts) == 1 and parts[0][0] == 1.0:
                 return outs[0]

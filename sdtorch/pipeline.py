@@ -30,7 +30,7 @@ from sdtorch.conditioning import DualPromptEncoder, PromptEncoder, embeddings_in
 from sdtorch.deepcache import FeatureCache
 from sdtorch.diffusion import Denoiser
 from sdtorch.errors import SdtorchError
-from sdtorch.guidance import GuidanceCutoff, guided_model
+from sdtorch.guidance import GuidanceCutoff, guided_model, passes_in_turn
 from sdtorch.hires import hires_pass
 from sdtorch.images import prepare_init_image, to_pil
 from sdtorch.inpaint import inpaint, is_inpainting_model
@@ -39,7 +39,7 @@ from sdtorch.loading.hashing import model_hash
 from sdtorch.memory import MemoryPlan, memory_limit
 from sdtorch.model import StableDiffusion
 from sdtorch.request import GenerationRequest
-from sdtorch.runtime import Runtime
+from sdtorch.runtime import Runtime, return_freed_memory, return_freed_memory_at_once
 from sdtorch.samplers import (
     A1111Noise,
     GeneratorNoise,
@@ -52,6 +52,7 @@ from sdtorch.samplers import (
 from sdtorch.samplers.philox import PhiloxGenerator
 from sdtorch.samplers.run import img2img_start
 from sdtorch.samplers.schedule_types import compvis_schedule
+from sdtorch.stored_weights import release_scratch
 from sdtorch.tiling import check_tiling, vae_tiling
 from sdtorch.tiling import encode as tiled_encode
 from sdtorch.tokenizer import get_tokenizer
@@ -146,6 +147,7 @@ class Pipeline:
         self.release_after_use = release_after_use
         self.memory_limit = memory_limit
         self.released: set[str] = set()  # the networks released_after_use has freed
+        self.passes_in_turn = False  # guidance's passes as separate UNet calls (sdtorch.guidance; low memory)
         self.model_path = Path(model_path) if model_path else (Path(model.source) if model.source else None)
         self.tokenizer = get_tokenizer(model.family.pad_id)
         self.adapters = adapters or Adapters()
@@ -165,9 +167,12 @@ class Pipeline:
         as `use_vae` and `use_taesd` take them. `runtime_options` are `Runtime.choose`'s (weights,
         compile, vae_channels_last, unet_channels_last, keep_freed: `sdtorch.runtime`)."""
         runtime = Runtime.choose(device, dtype, **runtime_options)
+        if runtime.low_memory:  # before loading: its temporaries are the first to be returned at once
+            return_freed_memory_at_once()
         model = runtime.apply(load_model(path, dtype=runtime.dtype, device=runtime.device, weights=runtime.weights))
         widths = tuple(net.config.width for net in model.text_encoders)  # SDXL's embeddings have two sets
         pipe = cls(model, path, Adapters.from_folders(lora_dir, embeddings_dir, widths))
+        pipe.passes_in_turn = runtime.low_memory
         if taesd is not None:
             pipe.use_taesd(taesd)
         return pipe.use_vae(vae) if vae is not None else pipe
@@ -223,7 +228,8 @@ class Pipeline:
         if request is not None and request.decoder == "taesd":
             self._check_decoder(request)
             return self.taesd.decode(latents)
-        with vae_tiling(self.vae_tiling), memory_limit(self.memory_limit):
+        with vae_tiling(self.vae_tiling), memory_limit(self.memory_limit), \
+                passes_in_turn(self.passes_in_turn):
             return self.model.decode_latents(latents)
 
     def _check_decoder(self, request: GenerationRequest) -> None:
@@ -277,7 +283,8 @@ class Pipeline:
         wanted = self.adapters.for_prompt(request.prompt)  # <lora:...> tags out of the prompt
         options = {k: v for k, v in request.options.items() if k not in ("VAE hash", "VAE")}  # the VAE used, below
         request = request.replace(options={**options, **self._adapter_record(request, wanted), **self.vae_record})
-        with apply_loras(model, wanted.loras) as applied, vae_tiling(self.vae_tiling), memory_limit(self.memory_limit):
+        with apply_loras(model, wanted.loras) as applied, vae_tiling(self.vae_tiling), \
+                memory_limit(self.memory_limit), passes_in_turn(self.passes_in_turn):
             result = self._sample(request, wanted.prompt, generators, callback, started, release)
         result.warnings += applied.warnings  # LoRA layers that matched nothing in this model
         return result
@@ -289,6 +296,8 @@ class Pipeline:
             if getattr(self.model, name, None) is not None:
                 getattr(self.model, name).to("meta")
                 self.released.add(name)
+        release_scratch()  # sized to the largest layer run so far; the next network makes its own
+        return_freed_memory()
 
     def _sample(self, request, prompt, generators, callback, started, release=False) -> GenerationResult:
         model = self.model

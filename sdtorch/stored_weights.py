@@ -1,19 +1,32 @@
-"""Weights kept as the file stores them, computed in a wider dtype.
+"""Weights kept narrower than they compute: as the file stores them, or quantised to int8.
 
 An fp16 (or bf16) checkpoint run in fp32 need not be widened in memory: each Linear, Conv2d and
 Embedding keeps its 16-bit weight and casts it to the compute dtype when it runs, one layer at a
 time. fp16 -> fp32 (and bf16 -> fp32) is exact, so the outputs are bit-identical to loading the
 weights as fp32, with the large weights taking half the memory; the cost is one cast per layer and
-call (a copy of that layer's weight, released right after).
+call. On the CPU the cast goes into one scratch buffer per thread, sized to the largest layer and
+reused by every layer: a fresh allocation per layer came back from glibc as fresh pages, each faulted
+and zeroed by the kernel, which made the casts of an SD 1.5 UNet call 2.3 s instead of 0.35 s (2 AVX2
+cores). Kernels do not keep their weight argument, so the next layer may overwrite it; where autograd
+would keep it (gradients wanted) or a compiler traces the layer, the cast allocates as before.
+
+int8 (`quantize_int8`, the low-memory mode) goes a step further for Linear and Conv2d: weight-only,
+symmetric, one scale per output channel (w ~ q * max|w_c| / 127, q in [-127, 127]), dequantised per
+layer into the same scratch buffer, so a quarter of fp32's weight memory. This is the scheme of
+LLM.int8()'s vector-wise baseline and of stable-diffusion.cpp's q8_0 with one block per row (Dettmers
+et al. 2022, arXiv 2208.07339); it is not exact: the drift is measured (README).
 
 The seam is the module type: `keep_stored` turns such a layer into its `Stored*` subclass (same
 parameters, names and state dict; only `forward` differs), which is all the rest of the code sees:
-`compute_dtype(net)` is the dtype inputs must be given in, LoRA merges into a stored weight in that
-dtype (`adapters.lora`), and `net.to(dtype=...)` converts every tensor as it always did, after
-which the layers compute in that dtype.
+`compute_dtype(net)` is the dtype inputs must be given in, `dense_weight(layer)` the weight as it
+computes (LoRA merges into that, `adapters.lora`), and `net.to(dtype=...)` converts every
+floating-point tensor as it always did, after which the layers compute in that dtype. A quantised
+layer's state dict holds its dequantised weight, so saving a model never writes bare int8 values.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +36,42 @@ from torch import nn
 STORABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
 # Stored dtypes that widen to the compute dtype exactly.
 EXACT_UPCASTS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
+
+
+class _Scratch(threading.local):
+    """Per thread: (device, dtype) -> a flat buffer the per-layer casts are written into."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch_like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of `tensor`'s shape and strides in `dtype`, a view of this thread's scratch buffer
+    (grown to fit). `tensor` must be dense (contiguous in some order, as parameters are)."""
+    key, n = (tensor.device, dtype), tensor.numel()
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = _SCRATCH.buffers[key] = None  # the smaller one is freed before the larger one is made
+        buffer = _SCRATCH.buffers[key] = torch.empty(n, dtype=dtype, device=tensor.device)
+    return buffer[:n].as_strided(tensor.shape, tensor.stride())
+
+
+def release_scratch() -> None:
+    """Free this thread's cast buffers (they are made again when a stored layer next runs)."""
+    _SCRATCH.buffers.clear()
+
+
+def _reusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a layer's widened weight may live in the scratch buffer: the CPU, nothing tracing the
+    call, and no autograd graph that would keep the weight for a backward pass."""
+    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    if not (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
 class StoredWeights:
@@ -41,18 +90,36 @@ class StoredWeights:
     def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.to(self.compute_dtype)
 
+    def _widened_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in the compute dtype, for this one call."""
+        weight = self.weight
+        if weight.dtype == self.compute_dtype:  # a LoRA merged in the compute dtype, or after .to()
+            return weight
+        if weight.dtype == torch.int8:  # widened, then scaled in place: torch.mul(q, scale, out=) makes a temporary
+            out = _scratch_like(weight, self.compute_dtype) if _reusable(x, weight) else torch.empty_like(
+                weight, dtype=self.compute_dtype)
+            return out.copy_(weight).mul_(self.weight_scale)
+        if not _reusable(x, weight):
+            return weight.to(self.compute_dtype)
+        return _scratch_like(weight, self.compute_dtype).copy_(weight)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dtype == torch.int8:  # the numbers it computes with, never bare int8 values
+            destination[prefix + "weight"] = dense_weight(self)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stored={self.weight.dtype}, compute={self.compute_dtype}"
 
 
 class StoredLinear(StoredWeights, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._cast(self.weight), self._cast(self.bias))
+        return F.linear(x, self._widened_weight(x), self._cast(self.bias))
 
 
 class StoredConv2d(StoredWeights, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self._cast(self.weight), self._cast(self.bias))
+        return self._conv_forward(x, self._widened_weight(x), self._cast(self.bias))
 
 
 class StoredEmbedding(StoredWeights, nn.Embedding):
@@ -102,6 +169,43 @@ def compute_dtype(net: nn.Module) -> torch.dtype:
             if param.is_floating_point():
                 return param.dtype
     return torch.float32
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as it computes: dequantised if int8, else the weight itself (in its dtype)."""
+    weight = module.weight
+    if weight.dtype == torch.int8:
+        return (weight * module.weight_scale).to(module.compute_dtype)
+    return weight
+
+
+QUANTIZABLE = (nn.Linear, nn.Conv2d)
+
+
+def quantizable_names(net: nn.Module) -> set[str]:
+    """The parameter names (`layer.weight`) that `quantize_int8` turns into int8."""
+    return {f"{name}.weight" if name else "weight" for name, m in net.named_modules() if type(m) in QUANTIZABLE}
+
+
+def quantize_int8(weight: torch.Tensor, *, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q, scale) with weight ~ q * scale, scale shaped to broadcast
+    over the weight ((out, 1) or (out, 1, 1, 1)), in float32. An all-zero channel gets scale 1.
+    `overwrite`: `weight` (float32, contiguous) is a temporary of the caller's and is computed in place
+    (loading: one fp32 copy per layer instead of four)."""
+    w = weight if overwrite and weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().clone()
+    low, high = torch.aminmax(w.view(w.shape[0], -1), dim=1)
+    amax = torch.maximum(-low, high).view(-1, *([1] * (w.dim() - 1)))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = w.div_(scale).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def attach_scales(net: nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """Give each layer whose weight was loaded as int8 its scale (`quantize_int8`'s), as a buffer
+    that moves with the layer and stays out of the state dict."""
+    modules = dict(net.named_modules())
+    for name, scale in scales.items():
+        modules[name.rsplit(".", 1)[0] if "." in name else ""].register_buffer("weight_scale", scale, persistent=False)
 
 
 def layer_compute_dtype(module: nn.Module) -> torch.dtype:

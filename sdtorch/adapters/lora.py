@@ -38,7 +38,7 @@ from torch import nn
 from sdtorch.errors import CheckpointError, SdtorchError
 from sdtorch.loading.diffusers_format import to_diffusers_name, unet_module_names
 from sdtorch.loading.reader import open_tensors
-from sdtorch.stored_weights import layer_compute_dtype
+from sdtorch.stored_weights import dense_weight, layer_compute_dtype
 
 ACCEPTED = "accepted: kohya/A1111 LoRA and LoCon (lora_up, lora_down, alpha) or diffusers/PEFT (lora_A, lora_B)"
 # Other adapter kinds, told by a key part only they use.
@@ -340,9 +340,9 @@ def apply_loras(model, loras: Sequence[tuple]) -> LoRAHandle:
             if dtype == weight.dtype:
                 originals.append((weight, weight.detach().clone()))
                 weight.copy_((weight.float() + delta).to(weight.dtype))
-            else:  # a 16-bit weight kept as stored: merged in the dtype it computes in, as a wide load would be
+            else:  # a 16-bit or int8 weight kept narrow: merged in the dtype it computes in, as a wide load would be
                 originals.append((module, weight))
-                module.weight = nn.Parameter((weight.float() + delta).to(dtype), requires_grad=False)
+                module.weight = nn.Parameter((dense_weight(module).float() + delta).to(dtype), requires_grad=False)
     return LoRAHandle(originals, warnings)
 
 

@@ -3,7 +3,9 @@ checked against the architecture before any weight is read, then each tensor is 
 converted, and assigned in place, so loading never holds two copies of the weights.
 
 `weights="stored"` keeps the large layers' 16-bit weights as the file stores them when the model
-computes in fp32 (`sdtorch.stored_weights`: exact, half the memory); "compute" converts them all."""
+computes in fp32 (`sdtorch.stored_weights`: exact, half the memory); "compute" converts them all;
+"int8" (the low-memory mode) quantises the UNet's Linear and Conv2d weights to int8 as each is read
+(not exact: a quarter of fp32's memory) and keeps the other networks as "stored"."""
 
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from sdtorch.errors import CheckpointError, SdtorchError
 from sdtorch.families import family_of
 from sdtorch.loading.reader import TensorEntry
 from sdtorch.model import StableDiffusion, networks_of
+from sdtorch.runtime import return_freed_memory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WEIGHTS = ("compute", "stored")
+WEIGHTS = ("compute", "stored", "int8")
+QUANTIZED_NETWORKS = ("unet",)  # int8 where most of the weights are; the others as stored
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,7 +60,9 @@ def assemble(
 ) -> StableDiffusion:
     networks = _build(config, sources, path)
     for name, net in networks.items():
-        _read_weights(net, sources[name], dtype, device, weights)
+        mode = "stored" if weights == "int8" and name not in QUANTIZED_NETWORKS else weights
+        _read_weights(net, sources[name], dtype, device, mode)
+    return_freed_memory()  # the conversions' temporaries, freed between the weights they made
     return StableDiffusion(config=config, source=os.fspath(path), **networks)
 
 
@@ -123,14 +129,28 @@ def _fits(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
 def _read_weights(
     net: torch.nn.Module, source: NetworkSource, dtype: torch.dtype, device, weights: str = "compute"
 ) -> None:
-    storable = stored_weights.storable_names(net) if parse_weights(weights) == "stored" else set()
-    state = {}
+    weights = parse_weights(weights)
+    storable = stored_weights.storable_names(net) if weights == "stored" else set()
+    quantizable = stored_weights.quantizable_names(net) if weights == "int8" else set()
+    state, scales = {}, {}
     for name, param in net.state_dict().items():
         entry = source.entries[name]
-        keep = name in storable and stored_weights.keeps_exactly(entry.dtype, dtype)
-        tensor = entry.read_as(None if keep else dtype).reshape(param.shape)
+        if name in quantizable:
+            tensor, scales[name] = stored_weights.quantize_int8(entry.read_as(torch.float32).reshape(param.shape),
+                                                                       overwrite=entry.owned)
+            scales[name] = scales[name].to(dtype=dtype, device=device)
+            if len(scales) % 64 == 0:  # each quantisation's fp32 temporaries leave holes between the int8 results
+                return_freed_memory()
+        else:
+            keep = name in storable and stored_weights.keeps_exactly(entry.dtype, dtype)
+            if keep and entry.map is not None and torch.device(device).type == "cpu":
+                tensor = entry.map().reshape(param.shape)  # resident once used (sdtorch.loading.reader)
+            else:
+                tensor = entry.read_as(None if keep else dtype).reshape(param.shape)
         state[name] = tensor.to(device=device)
+    net.requires_grad_(False)  # assign keeps each parameter's flag, and an int8 one cannot require gradients
     net.load_state_dict(state, assign=True, strict=True)
+    stored_weights.attach_scales(net, scales)
     stored_weights.keep_stored(net, dtype)
     net.eval().requires_grad_(False)
 

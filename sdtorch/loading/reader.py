@@ -9,7 +9,11 @@ read one tensor at a time straight into the model.
   stays in our resident set until it closes: loading would then peak at two copies.) A tensor
   wanted in another dtype (`read_as`: an fp16 file loaded as fp32) is read into one staging buffer
   the file's tensors share, then converted into its final buffer: fresh memory is touched once,
-  not twice, which is most of what reading costs once the file is in the page cache.
+  not twice, which is most of what reading costs once the file is in the page cache. A tensor
+  kept as stored can instead be mapped (`map()`: that tensor's bytes alone, copy-on-write), so it
+  costs resident memory only once it is used, and none once it is let go: a one-shot generation
+  then never holds the text encoder, the UNet and the VAE at once. A mapped file must not be
+  truncated in place while the model holds it (replacing it by a rename is safe).
 - `.ckpt` / `.pt` / `.bin`: torch's weights-only unpickler, never plain pickle, so a hostile
   file cannot run code. Its tensors are in memory already; `read()` hands them over.
 """
@@ -54,6 +58,10 @@ class TensorEntry:
     read: Callable[[], torch.Tensor]
     # The tensor converted to a dtype, where the format can do better than `read().to(dtype)`.
     read_converted: Callable[[torch.dtype], torch.Tensor] | None = None
+    # Each read makes a new tensor nothing else holds, so the caller may compute in it (a pickle's may share storage).
+    owned: bool = False
+    # The tensor as stored, memory-mapped from the file (copy-on-write); None where the format cannot.
+    map: Callable[[], torch.Tensor] | None = None
 
     def read_as(self, dtype: torch.dtype | None) -> torch.Tensor:
         """The tensor, floating-point ones in `dtype` (None: as stored)."""
@@ -119,7 +127,8 @@ def _open_safetensors(path: Path) -> TensorFile:
         offset = data_start + begin
         staging.largest = max(staging.largest, nbytes)
         tensors[name] = TensorEntry(shape, dtype, _safetensors_reader(path, offset, shape, dtype),
-                                    _safetensors_converter(path, offset, shape, dtype, staging))
+                                    _safetensors_converter(path, offset, shape, dtype, staging), owned=True,
+                                    map=_safetensors_mapper(path, offset, shape, dtype))
     return TensorFile(path, tensors, dict(metadata))
 
 
@@ -141,6 +150,21 @@ def _safetensors_reader(path: Path, offset: int, shape: tuple[int, ...], dtype: 
         return tensor
 
     return read
+
+
+def _safetensors_mapper(path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype):
+    def map_tensor() -> torch.Tensor:
+        import numpy as np
+
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        # Copy-on-write: a write (none is made) would stay private to this process. The tensor keeps the
+        # map alive; once nothing holds the tensor, the pages are unmapped.
+        array = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(nbytes,))
+        return torch.from_numpy(array).view(dtype).view(shape)
+
+    return map_tensor
 
 
 class _Staging:
