@@ -12,9 +12,10 @@ would keep it (gradients wanted) or a compiler traces the layer, the cast alloca
 
 int8 (`quantize_int8`, the low-memory mode) goes a step further for Linear and Conv2d: weight-only,
 symmetric, one scale per output channel (w ~ q * max|w_c| / 127, q in [-127, 127]), dequantised per
-layer into the same scratch buffer, so a quarter of fp32's weight memory. This is the scheme of
-LLM.int8()'s vector-wise baseline and of stable-diffusion.cpp's q8_0 with one block per row (Dettmers
-et al. 2022, arXiv 2208.07339); it is not exact: the drift is measured (README).
+layer into the same scratch buffer, so a quarter of fp32's weight memory. This is the vector-wise
+absmax quantisation of LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339) without its outlier part;
+stable-diffusion.cpp's q8_0 is the finer form, one scale per 32 values. It is not exact: the drift is
+measured (README, bench/whole_process.py).
 
 The seam is the module type: `keep_stored` turns such a layer into its `Stored*` subclass (same
 parameters, names and state dict; only `forward` differs), which is all the rest of the code sees:
