@@ -27,8 +27,9 @@ _IN_TURN: ContextVar[bool] = ContextVar("sdtorch_guidance_in_turn", default=Fals
 def passes_in_turn(enabled: bool = True) -> Iterator[None]:
     """Within it, guidance runs its passes (unconditional, each conditional part) as separate UNet calls
     rather than one batched call: about half the UNet's activation memory for CFG (the low-memory mode),
-    at the same speed on a CPU; the outputs equal the batched call's to float rounding (kernels may
-    block a batch of one differently). Not with DeepCache, whose cache holds one batched call."""
+    at some speed (kernels use a larger batch better; not measured apart from the mode's whole runs); the
+    outputs equal the batched call's to float rounding (kernels may block a batch of one differently).
+    Not with DeepCache, whose cache holds one batched call."""
     token = _IN_TURN.set(enabled)
     try:
         yield

@@ -39,7 +39,7 @@ from sdtorch.loading.hashing import model_hash
 from sdtorch.memory import MemoryPlan, memory_limit
 from sdtorch.model import StableDiffusion
 from sdtorch.request import GenerationRequest
-from sdtorch.runtime import Runtime, return_freed_memory, return_freed_memory_at_once
+from sdtorch.runtime import Runtime, return_freed_memory
 from sdtorch.samplers import (
     A1111Noise,
     GeneratorNoise,
@@ -167,8 +167,7 @@ class Pipeline:
         as `use_vae` and `use_taesd` take them. `runtime_options` are `Runtime.choose`'s (weights,
         compile, vae_channels_last, unet_channels_last, keep_freed: `sdtorch.runtime`)."""
         runtime = Runtime.choose(device, dtype, **runtime_options)
-        if runtime.low_memory:  # before loading: its temporaries are the first to be returned at once
-            return_freed_memory_at_once()
+        runtime.prepare()
         model = runtime.apply(load_model(path, dtype=runtime.dtype, device=runtime.device, weights=runtime.weights))
         widths = tuple(net.config.width for net in model.text_encoders)  # SDXL's embeddings have two sets
         pipe = cls(model, path, Adapters.from_folders(lora_dir, embeddings_dir, widths))

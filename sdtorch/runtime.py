@@ -13,7 +13,7 @@ Every runtime option is resolved here, in one place, rather than at each call si
   generation on 2 AVX2 cores, but about 0.5 GB more peak memory, so asked for (`--keep-freed-memory`).
 - low_memory: the least memory, the image changing a little: int8 UNet weights (unless `weights` says
   otherwise), guidance's passes one at a time (`guidance.passes_in_turn`) and an allocator that returns
-  freed memory at once (`return_freed_memory_at_once`); `Pipeline.load` applies all three.
+  freed memory at once (`return_freed_memory_at_once`, from `Runtime.prepare`); `Pipeline.load` does all three.
 - unet_channels_last: the UNet's weights (and so its activations) channels-last; off unless asked,
   as it measured about even with the default layout on AVX2 (the VAE gains, the UNet hardly).
 """
@@ -202,13 +202,17 @@ class Runtime:
         weights = weights or ("int8" if low_memory else default_weights(target, dtype))
         return cls(target, dtype, weights, compile, vae_channels_last, unet_channels_last, keep_freed, low_memory)
 
-    def apply(self, model):
-        """Put the options that act after loading on `model` (a `StableDiffusion`, in place): the
-        allocator, the layouts and compilation. Returns the model."""
-        if self.keep_freed:
-            keep_freed_memory()
+    def prepare(self) -> None:
+        """The options that act before loading: the low-memory allocator (so that loading's own
+        temporaries are handed back at once)."""
         if self.low_memory:
             return_freed_memory_at_once()
+
+    def apply(self, model):
+        """Put the options that act after loading on `model` (a `StableDiffusion`, in place): the
+        allocator that keeps freed memory, the layouts and compilation. Returns the model."""
+        if self.keep_freed:
+            keep_freed_memory()
         if self.vae_channels_last is not None:
             layout = torch.channels_last if self.vae_channels_last else torch.contiguous_format
             model.vae.encoder.memory_format = model.vae.decoder.memory_format = layout

@@ -136,9 +136,9 @@ def _read_weights(
     for name, param in net.state_dict().items():
         entry = source.entries[name]
         if name in quantizable:
-            tensor, scales[name] = stored_weights.quantize_int8(entry.read_as(torch.float32).reshape(param.shape),
-                                                                       overwrite=entry.owned)
-            scales[name] = scales[name].to(dtype=dtype, device=device)
+            wide = entry.read_as(torch.float32).reshape(param.shape)
+            tensor, scale = stored_weights.quantize_int8(wide, overwrite=entry.owned)
+            scales[name] = scale.to(dtype=dtype, device=device)
             if len(scales) % 64 == 0:  # each quantisation's fp32 temporaries leave holes between the int8 results
                 return_freed_memory()
         else:
@@ -152,5 +152,5 @@ def _read_weights(
     net.load_state_dict(state, assign=True, strict=True)
     stored_weights.attach_scales(net, scales)
     stored_weights.keep_stored(net, dtype)
-    net.eval().requires_grad_(False)
+    net.eval()
 
