@@ -1,6 +1,6 @@
 """Whole processes, as a user runs them: `sdtorch generate` against a diffusers script, on the same weights.
 
-    python bench/whole_process.py [--steps 4] [--size 512] [--rounds 2] [--modes default compute low-memory]
+    python bench/whole_process.py [--steps 4] [--size 512] [--rounds 2] [--modes default compute low-memory bf16]
         [--accuracy 200]
 
 Writes a random fp16 checkpoint with the exact layout of SD 1.5 (random weights cost what real ones do), then
@@ -10,6 +10,8 @@ generates the same image (Euler, CFG 7.5, seed 1, torch's CPU generator: the set
 equal). Each process's wall time (start to exit, import and PNG included) and peak resident memory (ru_maxrss
 from wait4); medians over the rounds; ratios to diffusers. The pictures are compared too: each mode's against
 diffusers' (exact modes should be within 2 levels) and the low-memory one's drift (mean and max levels).
+Every mode computes in fp32, as the diffusers script does, except `bf16` (the CLI's default on a CPU with native
+bf16: faster, not exact).
 
 `--accuracy N`: the embedded model's judged accuracy (`sdtorch.shapes.evaluate`, N pictures, 20 steps, Euler a)
 with each mode's weights, since the low-memory mode changes the numbers. Run it alone on a quiet machine.
@@ -39,6 +41,7 @@ MODES = {  # sdtorch generate's options per mode
     "default": [],
     "compute": ["--weights", "compute"],
     "low-memory": ["--low-memory"],
+    "bf16": ["--dtype", "bf16"],  # the CPU's default where bf16 is native (AVX512-BF16, AMX); not exact
 }
 
 DIFFUSERS_SCRIPT = """
@@ -103,6 +106,8 @@ def speed(args) -> None:
                               "--steps", str(args.steps), "--sampler", "euler", "--cfg", "7.5", "--seed", "1",
                               "--width", str(args.size), "--height", str(args.size), "--quiet",
                               "--out", str(tmp / f"{mode}.png"), *MODES[mode]]
+            if "--dtype" not in MODES[mode]:  # exact modes compute in fp32, as the diffusers script does
+                commands[mode] += ["--dtype", "fp32"]
         script = DIFFUSERS_SCRIPT.format(tests=str(ROOT / "tests"), checkpoint=str(checkpoint), prompt=PROMPT,
                                          steps=args.steps, size=args.size, out=str(tmp / "diffusers.png"))
         commands["diffusers"] = [sys.executable, "-c", script]
@@ -134,8 +139,9 @@ def accuracy(n: int, modes: list[str]) -> None:
     from sdtorch.shapes.evaluate import evaluate
 
     for mode in modes:
-        options = {"default": {}, "compute": {"weights": "compute"}, "low-memory": {"low_memory": True}}[mode]
-        pipe = Pipeline.load(default_model_path(), **options)
+        options = {"default": {}, "compute": {"weights": "compute"}, "low-memory": {"low_memory": True},
+                   "bf16": {"dtype": "bf16"}}[mode]
+        pipe = Pipeline.load(default_model_path(), **{"dtype": "fp32", **options})
         start = time.perf_counter()
         scores = evaluate(pipe, n=n)
         print(json.dumps({"mode": mode, "seconds": round(time.perf_counter() - start, 1),
