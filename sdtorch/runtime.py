@@ -2,7 +2,7 @@
 Every runtime option is resolved here, in one place, rather than at each call site.
 
 - dtype: fp16 on GPUs; on the CPU bf16 where the CPU computes it natively (AVX512-BF16, AMX, Arm's
-  bf16), fp32 elsewhere (emulated bf16 runs 10-50x slower than fp32).
+  bf16), fp32 elsewhere (emulated bf16 runs 10-50x slower than fp32); SDTORCH_CPU_DTYPE=fp32|bf16 pins the CPU's.
 - weights: "compute" widens every weight to the dtype; "stored" (the CPU's default) keeps a 16-bit
   file's large weights as stored and widens them per layer when computing in fp32
   (`sdtorch.stored_weights`: the same numbers, half the weight memory); "int8" quantises the UNet's.
@@ -20,6 +20,7 @@ Every runtime option is resolved here, in one place, rather than at each call si
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -61,11 +62,20 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+CPU_DTYPE_VARIABLE = "SDTORCH_CPU_DTYPE"  # the CPU's default dtype, where a user (or the test suite) pins one
+
+
 def default_dtype(device: torch.device) -> str:
-    """Half precision where GPUs are made for it; on the CPU bf16 where it is native, else fp32
-    (fp16 and emulated bf16 are slow there)."""
+    """Half precision where GPUs are made for it; on the CPU the dtype SDTORCH_CPU_DTYPE names (fp32 for
+    the exact images everywhere, bf16), else bf16 where it is native and fp32 elsewhere (fp16 and emulated
+    bf16 are slow there)."""
     if device.type != "cpu":
         return "fp16"
+    pinned = os.environ.get(CPU_DTYPE_VARIABLE)
+    if pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise SdtorchError(f"{CPU_DTYPE_VARIABLE}={pinned!r} is not a CPU dtype: use fp32 or bf16")
+        return pinned
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 

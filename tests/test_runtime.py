@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from sdtorch import runtime, stored_weights
 from sdtorch.adapters.lora import apply_loras, load_lora
 from sdtorch.config import TINY
+from sdtorch.errors import SdtorchError
 from sdtorch.loading import load_model, save_checkpoint
 from sdtorch.loading.reader import open_tensors
 from sdtorch.model import StableDiffusion
@@ -58,6 +59,7 @@ def _weight_bytes(model) -> int:
 # 1. The default dtype for the CPU it runs on.
 
 def test_default_dtype_follows_the_cpu(monkeypatch):
+    monkeypatch.delenv("SDTORCH_CPU_DTYPE", raising=False)  # conftest pins fp32 for the other tests
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
     assert default_dtype(torch.device("cpu")) == "bf16"
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
@@ -65,6 +67,20 @@ def test_default_dtype_follows_the_cpu(monkeypatch):
     assert default_dtype(torch.device("cuda")) == "fp16"
     assert Runtime.choose("cpu").dtype == "fp32"
     assert Runtime.choose("cpu", "fp16").dtype == "fp16"  # --dtype overrides
+
+
+def test_the_cpu_dtype_can_be_pinned(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setenv("SDTORCH_CPU_DTYPE", "fp32")
+    assert Runtime.choose("cpu").dtype == "fp32"
+    assert Runtime.choose("cpu", "bf16").dtype == "bf16"  # --dtype still overrides
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setenv("SDTORCH_CPU_DTYPE", "bf16")
+    assert default_dtype(torch.device("cpu")) == "bf16"
+    assert default_dtype(torch.device("cuda")) == "fp16"  # a GPU's default is not the CPU's
+    monkeypatch.setenv("SDTORCH_CPU_DTYPE", "float64")
+    with pytest.raises(SdtorchError, match="SDTORCH_CPU_DTYPE='float64' is not a CPU dtype: use fp32 or bf16"):
+        default_dtype(torch.device("cpu"))
 
 
 def test_emulated_bf16_warns_once_in_one_line(monkeypatch):
@@ -301,8 +317,6 @@ def test_lora_on_int8_weights_merges_into_the_dequantised_weight_and_restores(ti
 
 
 def test_low_memory_runtime():
-    from sdtorch.errors import SdtorchError
-
     assert Runtime.choose("cpu", low_memory=True).weights == "int8"
     assert Runtime.choose("cpu", low_memory=True, weights="stored").weights == "stored"
     with pytest.raises(SdtorchError, match="choose one"):
