@@ -3,4 +3,4 @@
 from sdtorch.cli import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())  # main returns the exit status (2 for a user's mistake)

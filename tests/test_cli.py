@@ -171,3 +171,11 @@ def test_a_weighted_prompt_with_a_lora_regenerates_from_its_png(checkpoint, tmp_
     run = run_cli("generate", "a cat <lora:nothing:1>", "--model", checkpoint, "--loras", loras, "--steps", 2,
                   "--out", tmp_path / "x.png", "--quiet")
     assert run.returncode == 2 and "no LoRA named 'nothing'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_python_dash_m_sdtorch_exits_with_the_cli_status():
+    """`python -m sdtorch` is the `sdtorch` command: a user's mistake is one line on stderr and status 2."""
+    done = subprocess.run([sys.executable, "-m", "sdtorch", "generate", "a red circle", "--width", "13"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and "width" in done.stderr and "Traceback" not in done.stderr
