@@ -1,6 +1,6 @@
 """Context for the UNet step: OpenVINO and the machine's floor beside sdtorch and diffusers, same weights.
 
-    pip install -e ".[bench]"      # openvino, a benchmark-only extra
+    pip install -e ".[dev,bench]"  # diffusers (the dev extra) and openvino, a benchmark-only extra
     python bench/openvino_unet.py [--size 512] [--rounds 3] [--precision f32|bf16]
 
 One UNet call at batch 2 (CFG's pair), the random fp16 SD 1.5 file of the other benchmarks: diffusers' UNet
