@@ -5,9 +5,11 @@ loaded weights (which are resident by the time a request runs, and so already ou
 available):
 
 - the UNet step: the skip tensors the UNet keeps for its decoder half, plus the working set of its
-  widest level (a transformer's GEGLU feed-forward, 8C + 4C + 4C wide, where the level attends; a
-  res-block's concatenated input where it does not), per batch row (classifier-free guidance doubles
-  the rows), plus oneDNN's reordered copy of the largest convolution weight. PyTorch's CPU SDPA takes
+  widest level (where the level attends, 9C for the transformer and its GEGLU feed-forward's 8C + 4C
+  over at most one chunk of tokens, `sdtorch.unet.FeedForward`; a res-block's concatenated input where
+  it does not), per batch row (classifier-free guidance doubles the rows; each row is counted with a
+  whole chunk, so a batch of many rows is overestimated), plus oneDNN's reordered copy of the largest
+  convolution weight. PyTorch's CPU SDPA takes
   its flash kernel for the UNet's head sizes and never holds the (HW)^2 score matrix (measured: a
   (2, 8, 16384, 40) attention allocates its output plus 4 MiB; the full scores would be 16 GiB); an
   attention that falls back to the math kernel does hold it, so `attention_holds_scores` checks what
@@ -19,11 +21,11 @@ available):
   2048x2048 (measured); with the channels-last layout the VAE now runs on the CPU, the flash kernel.
 - what a chunk of images leaves behind: latents, the decoded floats, the pictures.
 
-Calibrated against peak RSS (VmHWM) of fresh processes, fp32, 1 thread: the SD 1.5 UNet (batch rows
-x latent side 2x16 .. 2x64, 1x96) measured 159-445 MiB beyond its weights, estimated 1.06-1.6x that;
-the tiny UNet 0.97-1.5x; SD 1.5's VAE at 512x512 decode 870 MiB whole / 650 MiB exact, encode 775 /
-334 MiB, estimated within 1.05-1.25x; a chunked batch of the embedded model 427 and 771 MiB, estimated
-434 and 870. tests/test_memory.py holds the estimates to the tensors really alive (1.0-1.8x).
+Calibrated against peak RSS (VmHWM) of fresh processes, fp32, 1 thread, before the feed-forward ran in
+chunks: the SD 1.5 UNet (batch rows x latent side 2x16 .. 2x64, 1x96) measured 159-445 MiB beyond its
+weights, estimated 1.06-1.6x that; the tiny UNet 0.97-1.5x; SD 1.5's VAE at 512x512 decode 870 MiB whole
+/ 650 MiB exact, encode 775 / 334 MiB, estimated within 1.05-1.25x; a chunked batch of the embedded model
+427 and 771 MiB, estimated 434 and 870. tests/test_memory.py holds the estimates to the tensors really alive (1.0-1.8x).
 
 Available memory is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when that is
 lower (a container), or the GPU's free memory; None where it cannot be read (then nothing is refused).
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from sdtorch.errors import SdtorchError
+from sdtorch.unet import FEED_FORWARD_ROWS
 
 USABLE = 0.85  # of what is available: the rest for the allocator's slack and whatever else the machine runs
 UNET_FIXED = 32 * 2**20  # thread pools, oneDNN's primitive cache, the text encoder's activations
@@ -220,8 +223,14 @@ def unet_bytes_per_row(cfg, height: int, width: int, itemsize: int, scores: tupl
         skips += cfg.num_res_blocks * ch / 4**level
         if level != len(chans) - 1:
             skips += ch / 4 ** (level + 1)
-    work = max((25 if level in cfg.attention_levels else 8) * ch / 4**level for level, ch in enumerate(chans))
-    total = (skips + work) * px * itemsize
+    work = 0.0  # per latent pixel of this row, the widest level's working set
+    for level, ch in enumerate(chans):
+        tokens = px / 4**level
+        if level in cfg.attention_levels:  # the transformer, and its GEGLU (8C + 4C) over at most one chunk
+            work = max(work, 9 * ch * tokens + 12 * ch * min(tokens, FEED_FORWARD_ROWS))
+        else:
+            work = max(work, 8 * ch * tokens)
+    total = (skips * px + work) * itemsize
     if scores is not None:  # (heads, T, T) scores and their softmax
         heads, level = scores
         tokens = px / 4**level

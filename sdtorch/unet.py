@@ -68,16 +68,33 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        if torch.is_grad_enabled():  # autograd keeps both factors for the backward pass
+            return x * F.gelu(gate)
+        return F.gelu(gate).mul_(x)  # the same products, one 4C-wide temporary fewer
+
+
+FEED_FORWARD_ROWS = 2048  # tokens per feed-forward chunk
 
 
 class FeedForward(nn.Module):
+    """GEGLU to 4x the width, then back. Each token is computed alone, so without autograd a long sequence runs
+    in chunks of FEED_FORWARD_ROWS tokens and the wide temporaries exist for one chunk at a time: at a 64x64
+    latent with CFG (8192 tokens of 320 channels) 31 MB instead of 168 MB, the largest activations of an SD 1.5
+    step, for the same numbers (the live tensors of a 512x512 CFG call peak at 139 MB, 221 MB unchunked)."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        rows = x.numel() // x.shape[-1]
+        if rows <= FEED_FORWARD_ROWS or torch.is_grad_enabled():
+            return self.net(x)
+        flat = x.reshape(rows, x.shape[-1])
+        out = flat.new_empty(rows, self.net[2].out_features)
+        for start in range(0, rows, FEED_FORWARD_ROWS):
+            out[start:start + FEED_FORWARD_ROWS] = self.net(flat[start:start + FEED_FORWARD_ROWS])
+        return out.view(*x.shape[:-1], -1)
 
 
 class BasicTransformerBlock(nn.Module):

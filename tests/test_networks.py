@@ -123,3 +123,41 @@ def test_unet_odd_latent_size_matches_diffusers():
         got = ours(x, 300, context)
     assert got.shape == (1, 4, 9, 7)
     assert max_rel_error(got, expected) <= 1e-4
+
+
+def test_unet_with_its_feed_forward_in_chunks_matches_diffusers():
+    """Long token sequences (here 2 x 40 x 40 = 3200 tokens at the first level) run the feed-forward in chunks
+    of FEED_FORWARD_ROWS tokens, the last one partial; the output stays diffusers'."""
+    from diffusers import UNet2DConditionModel
+
+    from sdtorch import unet as unet_module
+
+    cfg = TINY.unet
+    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=6)
+    ours = load_from_reference(UNet(cfg), dict(ref.state_dict()), unet_module_names(cfg))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 40, 40, generator=g)
+    context = torch.randn(2, 77, cfg.context_dim, generator=g)
+    chunks = []
+    first_ff = ours.input_blocks[1][1].transformer_blocks[0].ff
+    first_ff.net[0].register_forward_hook(lambda module, args, out: chunks.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected = ref(x, 500, encoder_hidden_states=context).sample
+        got = ours(x, 500, context)
+    assert chunks == [unet_module.FEED_FORWARD_ROWS, 3200 - unet_module.FEED_FORWARD_ROWS]
+    assert max_rel_error(got, expected) <= 1e-4
+
+
+def test_the_chunked_feed_forward_gives_the_same_numbers_and_gradients():
+    from sdtorch.unet import FEED_FORWARD_ROWS, FeedForward
+
+    ff = randomise_(FeedForward(16), seed=7)
+    x = torch.randn(3, FEED_FORWARD_ROWS, 16, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    with torch.no_grad():
+        whole = ff.net(x)  # the layers themselves, every token at once
+        chunked = ff(x)
+    assert torch.equal(chunked, whole)
+    trained = ff(x)  # with autograd: not chunked, and GEGLU keeps its factors
+    trained.square().sum().backward()
+    assert torch.equal(trained.detach(), whole)
+    assert x.grad is not None and ff.net[0].proj.weight.grad is not None
