@@ -40,6 +40,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 MODES = {  # sdtorch generate's options per mode
     "default": [],
     "compute": ["--weights", "compute"],
+    "keep-freed": ["--keep-freed-memory"],  # glibc keeps freed memory: no page faults for reused activations
     "low-memory": ["--low-memory"],
     "bf16": ["--dtype", "bf16"],  # the CPU's default where bf16 is native (AVX512-BF16, AMX); not exact
 }
@@ -139,8 +140,8 @@ def accuracy(n: int, modes: list[str]) -> None:
     from sdtorch.shapes.evaluate import evaluate
 
     for mode in modes:
-        options = {"default": {}, "compute": {"weights": "compute"}, "low-memory": {"low_memory": True},
-                   "bf16": {"dtype": "bf16"}}[mode]
+        options = {"default": {}, "compute": {"weights": "compute"}, "keep-freed": {"keep_freed": True},
+                   "low-memory": {"low_memory": True}, "bf16": {"dtype": "bf16"}}[mode]
         pipe = Pipeline.load(default_model_path(), **{"dtype": "fp32", **options})
         start = time.perf_counter()
         scores = evaluate(pipe, n=n)
