@@ -107,6 +107,14 @@ def _chain(first: StepCallback, then: StepCallback | None) -> StepCallback:
     return both
 
 
+def _trim_heap(event) -> None:
+    """After each CPU step, hand the heap's free pages back (malloc_trim, 13-23 ms). An SD 1.5 UNet call at
+    512x512 in fp32 leaves about 400 MB of freed memory resident in glibc's heap, and the later steps peaked on
+    top of it: a 4-step `generate` peaked at 2.61-2.62 GB without the trim and 2.44-2.54 GB with it, its page
+    faults per UNet call about the same (530-640 thousand either way)."""
+    return_freed_memory()
+
+
 def default_model_path() -> Path:
     """The embedded shapes model shipped in the package (`python -m sdtorch.train` makes it), or a
     clear error where an install has lost it."""
@@ -282,6 +290,8 @@ class Pipeline:
         wanted = self.adapters.for_prompt(request.prompt)  # <lora:...> tags out of the prompt
         options = {k: v for k, v in request.options.items() if k not in ("VAE hash", "VAE")}  # the VAE used, below
         request = request.replace(options={**options, **self._adapter_record(request, wanted), **self.vae_record})
+        if model.device.type == "cpu":
+            callback = _chain(_trim_heap, callback)
         with apply_loras(model, wanted.loras) as applied, vae_tiling(self.vae_tiling), \
                 memory_limit(self.memory_limit), passes_in_turn(self.passes_in_turn):
             result = self._sample(request, wanted.prompt, generators, callback, started, release)

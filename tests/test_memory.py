@@ -219,6 +219,15 @@ def test_released_networks_free_their_weights_after_the_last_use_and_keep_the_im
     assert not kept.released
 
 
+def test_the_heap_is_trimmed_after_every_cpu_step_and_the_callback_still_runs(pipe, monkeypatch):
+    import sdtorch.pipeline as pipeline_module
+
+    trims, steps = [], []
+    monkeypatch.setattr(pipeline_module, "return_freed_memory", lambda: trims.append(1) or True)
+    pipe.run(GenerationRequest(prompt=PROMPT, steps=3, seed=1), callback=steps.append)
+    assert len(trims) == 3 and [event.step for event in steps] == [0, 1, 2]
+
+
 def test_limits_parse_as_sizes():
     assert [cli._byte_size(s) for s in ("6G", "512M", "1.5GiB", "100", "2gb")] == \
         [6 * 2**30, 512 * 2**20, int(1.5 * 2**30), 100, 2 * 2**30]
