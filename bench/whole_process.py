@@ -7,9 +7,10 @@ Writes a random fp16 checkpoint with the exact layout of SD 1.5 (random weights 
 runs, `--rounds` times and alternating the order, one fresh process per configuration: `sdtorch generate` (the
 CLI, in each `--modes` mode) and a script that builds diffusers' StableDiffusionPipeline from the same file and
 generates the same image (Euler, CFG 7.5, seed 1, torch's CPU generator: the settings the parity tests hold
-equal). Each process's wall time (start to exit, import and PNG included) and peak resident memory (ru_maxrss
-from wait4); medians over the rounds; ratios to diffusers. The pictures are compared too: each mode's against
-diffusers' (exact modes should be within 2 levels) and the low-memory one's drift (mean and max levels).
+equal). Each process's wall time (start to exit, import and PNG included), peak resident memory (ru_maxrss
+from wait4) and minor page faults (ru_minflt: fresh pages the kernel maps, a cost of the allocator); medians
+over the rounds; ratios to diffusers. The pictures are compared too: each mode's against diffusers' (exact
+modes should be within 2 levels) and the low-memory one's drift (mean and max levels).
 Every mode computes in fp32, as the diffusers script does, except `bf16` (the CLI's default on a CPU with native
 bf16: faster, not exact).
 
@@ -64,8 +65,8 @@ image.save({out!r})
 """
 
 
-def run(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one fresh process."""
+def run(command: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in GB, minor page faults) of one fresh process."""
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
@@ -73,7 +74,7 @@ def run(command: list[str]) -> tuple[float, float]:
     stderr = process.stderr.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{command[:3]} failed:\n{stderr[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024 / 1e9
+    return seconds, usage.ru_maxrss * 1024 / 1e9, usage.ru_minflt
 
 
 def levels(a: Path, b: Path) -> tuple[float, int]:
@@ -112,21 +113,24 @@ def speed(args) -> None:
         script = DIFFUSERS_SCRIPT.format(tests=str(ROOT / "tests"), checkpoint=str(checkpoint), prompt=PROMPT,
                                          steps=args.steps, size=args.size, out=str(tmp / "diffusers.png"))
         commands["diffusers"] = [sys.executable, "-c", script]
-        samples: dict[str, list[tuple[float, float]]] = {}
+        samples: dict[str, list[tuple[float, float, int]]] = {}
         names = list(commands)
         for round_ in range(args.rounds):
             for name in names if round_ % 2 == 0 else names[::-1]:
-                seconds, peak = run(commands[name])
-                samples.setdefault(name, []).append((seconds, peak))
-                print(f"round {round_ + 1} {name}: {seconds:.1f} s, {peak:.2f} GB", file=sys.stderr, flush=True)
-        ref_s = statistics.median(s for s, _ in samples["diffusers"])
-        ref_gb = statistics.median(p for _, p in samples["diffusers"])
+                seconds, peak, faults = run(commands[name])
+                samples.setdefault(name, []).append((seconds, peak, faults))
+                print(f"round {round_ + 1} {name}: {seconds:.1f} s, {peak:.2f} GB, {faults / 1e6:.2f} M page faults",
+                      file=sys.stderr, flush=True)
+        ref_s = statistics.median(s for s, _, _ in samples["diffusers"])
+        ref_gb = statistics.median(p for _, p, _ in samples["diffusers"])
         for name in names:
-            seconds = statistics.median(s for s, _ in samples[name])
-            peak = statistics.median(p for _, p in samples[name])
+            seconds = statistics.median(s for s, _, _ in samples[name])
+            peak = statistics.median(p for _, p, _ in samples[name])
+            faults = statistics.median(f for _, _, f in samples[name])
             row = {"mode": name, "seconds": round(seconds, 1), "peak_gb": round(peak, 2),
                    "time_ratio": round(seconds / ref_s, 3), "memory_ratio": round(peak / ref_gb, 3),
-                   "runs": [[round(s, 1), round(p, 2)] for s, p in samples[name]]}
+                   "page_faults_m": round(faults / 1e6, 2),
+                   "runs": [[round(s, 1), round(p, 2), round(f / 1e6, 2)] for s, p, f in samples[name]]}
             if name != "diffusers":
                 row["levels_vs_diffusers"] = levels(tmp / f"{name}.png", tmp / "diffusers.png")
                 if "compute" in commands and name != "compute":
