@@ -9,11 +9,11 @@ available):
   over at most one chunk of tokens, `sdtorch.unet.FeedForward`; a res-block's concatenated input where
   it does not), per batch row (classifier-free guidance doubles the rows; each row is counted with a
   whole chunk, so a batch of many rows is overestimated), plus oneDNN's reordered copy of the largest
-  convolution weight. PyTorch's CPU SDPA takes
-  its flash kernel for the UNet's head sizes and never holds the (HW)^2 score matrix (measured: a
-  (2, 8, 16384, 40) attention allocates its output plus 4 MiB; the full scores would be 16 GiB); an
-  attention that falls back to the math kernel does hold it, so `attention_holds_scores` checks what
-  the network's attention layers really run and the estimate adds the scores where they do.
+  convolution weight. PyTorch's CPU SDPA takes its flash kernel for the UNet's head sizes and never
+  holds the (HW)^2 score matrix (measured: a (2, 8, 16384, 40) attention allocates its output plus 4 MiB;
+  the full scores would be 16 GiB); an attention that falls back to the math kernel does hold it, so
+  `attention_holds_scores` checks what the network's attention layers really run and the estimate adds
+  the scores where they do.
 - the VAE: the whole pass (about three activations of the widest level at once), the exact tiled pass
   (`sdtorch.tiling`: two or three stored activations) or independent tiles (one tile's whole pass).
   The VAE's single-head attention is checked the same way: on the CPU with NCHW activations its
@@ -25,7 +25,8 @@ Calibrated against peak RSS (VmHWM) of fresh processes, fp32, 1 thread, before t
 chunks: the SD 1.5 UNet (batch rows x latent side 2x16 .. 2x64, 1x96) measured 159-445 MiB beyond its
 weights, estimated 1.06-1.6x that; the tiny UNet 0.97-1.5x; SD 1.5's VAE at 512x512 decode 870 MiB whole
 / 650 MiB exact, encode 775 / 334 MiB, estimated within 1.05-1.25x; a chunked batch of the embedded model
-427 and 771 MiB, estimated 434 and 870. tests/test_memory.py holds the estimates to the tensors really alive (1.0-1.8x).
+427 and 771 MiB, estimated 434 and 870. tests/test_memory.py holds the estimates to the tensors really
+alive (1.0-1.8x).
 
 Available memory is /proc/meminfo's MemAvailable, or the cgroup's limit less its usage when that is
 lower (a container), or the GPU's free memory; None where it cannot be read (then nothing is refused).
