@@ -107,17 +107,22 @@ def test_vae_matches_diffusers(size):
     assert max_rel_error(our_decoded, ref_decoded) <= 1e-4
 
 
-def test_unet_odd_latent_size_matches_diffusers():
-    """Latents whose sides are not a multiple of 2**levels (e.g. a 520-pixel side) upsample to
-    the skip's size, as diffusers does, instead of failing."""
+def tiny_unets(seed: int, rows: int, height: int, width: int):
+    """diffusers' tiny UNet with random weights, ours with the same weights, and inputs (x, context) for them."""
     from diffusers import UNet2DConditionModel
 
     cfg = TINY.unet
-    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=5)
+    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=seed)
     ours = load_from_reference(UNet(cfg), dict(ref.state_dict()), unet_module_names(cfg))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, 9, 7, generator=g)
-    context = torch.randn(1, 77, cfg.context_dim, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, height, width, generator=g)
+    return ref, ours, x, torch.randn(rows, 77, cfg.context_dim, generator=g)
+
+
+def test_unet_odd_latent_size_matches_diffusers():
+    """Latents whose sides are not a multiple of 2**levels (e.g. a 520-pixel side) upsample to
+    the skip's size, as diffusers does, instead of failing."""
+    ref, ours, x, context = tiny_unets(5, 1, 9, 7)
     with torch.no_grad():
         expected = ref(x, 300, encoder_hidden_states=context).sample
         got = ours(x, 300, context)
@@ -128,16 +133,9 @@ def test_unet_odd_latent_size_matches_diffusers():
 def test_unet_with_its_feed_forward_in_chunks_matches_diffusers():
     """Long token sequences (here 2 x 40 x 40 = 3200 tokens at the first level) run the feed-forward in chunks
     of FEED_FORWARD_ROWS tokens, the last one partial; the output stays diffusers'."""
-    from diffusers import UNet2DConditionModel
-
     from sdtorch import unet as unet_module
 
-    cfg = TINY.unet
-    ref = randomise_(UNet2DConditionModel(**diffusers_unet_kwargs(cfg)), seed=6)
-    ours = load_from_reference(UNet(cfg), dict(ref.state_dict()), unet_module_names(cfg))
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 40, 40, generator=g)
-    context = torch.randn(2, 77, cfg.context_dim, generator=g)
+    ref, ours, x, context = tiny_unets(6, 2, 40, 40)
     chunks = []
     first_ff = ours.input_blocks[1][1].transformer_blocks[0].ff
     first_ff.net[0].register_forward_hook(lambda module, args, out: chunks.append(args[0].shape[0]))
