@@ -172,6 +172,15 @@ def compute_dtype(net: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def weight_and_bias_as_computed(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A Linear or Conv2d's (weight, bias) as its forward would use them on input `x`, for code that
+    computes with them another way (`layers.Upsample`). A stored layer's widened weight may be a view
+    of the scratch buffer: use it before the next stored layer runs."""
+    if isinstance(layer, StoredWeights):
+        return layer._widened_weight(x), layer._cast(layer.bias)
+    return layer.weight, layer.bias
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """A layer's weight as it computes: dequantised if int8, else the weight itself (in its dtype)."""
     weight = module.weight

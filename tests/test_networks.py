@@ -159,3 +159,76 @@ def test_the_chunked_feed_forward_gives_the_same_numbers_and_gradients():
     trained.square().sum().backward()
     assert torch.equal(trained.detach(), whole)
     assert x.grad is not None and ff.net[0].proj.weight.grad is not None
+
+
+def counting_folded_upsamplers(monkeypatch) -> list[tuple[int, ...]]:
+    """The input shapes of each `Upsample` call that ran as one transposed convolution, from now on."""
+    from sdtorch import layers
+
+    calls, fold = [], layers.nearest_upsample_kernel
+
+    def counted(weight):
+        calls.append(tuple(weight.shape))
+        return fold(weight)
+
+    monkeypatch.setattr(layers, "nearest_upsample_kernel", counted)
+    return calls
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_an_upsampler_run_as_one_transposed_convolution_equals_nearest_then_convolution(layout, monkeypatch):
+    import torch.nn.functional as F
+
+    from sdtorch.layers import TRANSPOSED_UPSAMPLE_MIN_PIXELS, Upsample
+    from sdtorch.stored_weights import keep_stored
+
+    up = randomise_(Upsample(8), seed=4).eval().to(memory_format=layout)
+    side = int(TRANSPOSED_UPSAMPLE_MIN_PIXELS ** 0.5)
+    x = torch.randn(2, 8, side, side + 3, generator=torch.Generator().manual_seed(4)).to(memory_format=layout)
+    calls = counting_folded_upsamplers(monkeypatch)
+    with torch.no_grad():
+        expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        folded = up(x)
+        assert folded.shape == (2, 8, 2 * side, 2 * (side + 3))
+        assert max_rel_error(folded, expected) <= 1e-5
+        assert max_rel_error(up(x, size=(2 * side, 2 * side + 6)), expected) <= 1e-5
+        # An odd skip size (not 2x) and a small input keep the two steps, which give exactly that.
+        odd = up.conv(F.interpolate(x, size=(2 * side - 1, 2 * side + 5), mode="nearest"))
+        assert torch.equal(up(x, size=(2 * side - 1, 2 * side + 5)), odd)
+        small = x[:, :, :4, :4]
+        assert torch.equal(up(small), up.conv(F.interpolate(small, scale_factor=2.0, mode="nearest")))
+        assert len(calls) == 2  # the first two calls only
+        # Weights kept in fp16 and widened per call fold the widened weight.
+        half = keep_stored(randomise_(Upsample(8), seed=4).eval().half(), torch.float32)
+        assert half.conv.weight.dtype == torch.float16
+        expected_half = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), half.conv.weight.float(),
+                                 half.conv.bias.float(), padding=1)
+        assert max_rel_error(half(x), expected_half) <= 1e-5
+        assert calls[-1] == (8, 8, 3, 3) and len(calls) == 3
+
+
+def test_vae_decoder_with_folded_upsamplers_matches_diffusers(monkeypatch):
+    """32x32 latents reach the tiny decoder's upsampler at 32x32, which runs as a transposed convolution."""
+    from diffusers import AutoencoderKL as RefVAE
+
+    cfg = TINY.vae
+    ref = randomise_(RefVAE(**diffusers_vae_kwargs(cfg)), seed=8)
+    ours = load_from_reference(AutoencoderKL(cfg), dict(ref.state_dict()), vae_module_names(cfg))
+    latents = torch.randn(1, cfg.latent_channels, 32, 32, generator=torch.Generator().manual_seed(8))
+    calls = counting_folded_upsamplers(monkeypatch)
+    with torch.no_grad():
+        expected = ref.decode(latents).sample
+        got = ours.decode(latents)
+    assert len(calls) == 1
+    assert max_rel_error(got, expected) <= 1e-4
+
+
+def test_unet_with_a_folded_upsampler_matches_diffusers(monkeypatch):
+    """64x64 latents reach the tiny UNet's upsampler at 32x32."""
+    ref, ours, x, context = tiny_unets(9, 1, 64, 64)
+    calls = counting_folded_upsamplers(monkeypatch)
+    with torch.no_grad():
+        expected = ref(x, 700, encoder_hidden_states=context).sample
+        got = ours(x, 700, context)
+    assert len(calls) == 1
+    assert max_rel_error(got, expected) <= 1e-4
