@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT / "tests"))  # the random SD 1.5 layout and diffuser
 from bench import cpu_name  # noqa: E402  (bench/bench.py, beside this file)
 
 
-def seconds(fn) -> tuple[float, object]:
+def seconds(fn) -> float:
     start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
+    fn()
+    return time.perf_counter() - start
 
 
 def measure(checkpoint: Path, repeats: int) -> None:
@@ -60,7 +60,7 @@ def measure(checkpoint: Path, repeats: int) -> None:
             for i in range(repeats):
                 order = [("sdtorch", mine), ("diffusers", reference)]
                 for side, fn in order if i % 2 == 0 else order[::-1]:
-                    times[side].append(seconds(fn)[0])
+                    times[side].append(seconds(fn))
                 print(f"  {name} repeat {i + 1}: sdtorch {times['sdtorch'][-1]:.2f} s, "
                       f"diffusers {times['diffusers'][-1]:.2f} s", file=sys.stderr, flush=True)
             ratio = statistics.median(a / b for a, b in zip(times["sdtorch"], times["diffusers"]))
