@@ -15,6 +15,7 @@ from torch import nn
 from sdtorch.config import CLIPTextConfig
 from sdtorch.errors import SdtorchError
 from sdtorch.layers import attention
+from sdtorch.linear import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -40,10 +41,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.heads = cfg.heads
-        self.q_proj = nn.Linear(cfg.width, cfg.width)
-        self.k_proj = nn.Linear(cfg.width, cfg.width)
-        self.v_proj = nn.Linear(cfg.width, cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
@@ -53,8 +54,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
-        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width)
         self.activation = quick_gelu if cfg.activation == "quick_gelu" else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         if cfg.projection_dim:  # OpenCLIP's contrastive head, which SDXL's pooled embedding comes out of
-            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+            self.text_projection = Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def hidden_states(
         self, ids: torch.Tensor | None = None, upto: int | None = None, *, tokens: torch.Tensor | None = None

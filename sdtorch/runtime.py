@@ -18,6 +18,8 @@ Every runtime option is resolved here, in one place, rather than at each call si
 - low_memory: the least memory, the image changing a little: int8 UNet weights (unless `weights` says
   otherwise), guidance's passes one at a time (`guidance.passes_in_turn`) and an allocator that returns
   freed memory at once (`return_freed_memory_at_once`, from `Runtime.prepare`); `Pipeline.load` does all three.
+- the CPU's fp32 linear kernel: oneDNN's on AMD CPUs, where MKL's sgemm runs at about half the speed,
+  BLAS elsewhere; SDTORCH_CPU_LINEAR=onednn|blas pins it (`sdtorch.linear`; checked here, at start).
 - unet_channels_last: the UNet's weights (and so its activations) channels-last; off unless asked,
   as it measured about even with the default layout on AVX2 (the VAE gains, the UNet hardly).
 """
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdtorch import linear
 from sdtorch.errors import SdtorchError
 
 
@@ -213,6 +216,8 @@ class Runtime:
         if low_memory and keep_freed:
             raise SdtorchError("low memory and keeping freed memory pull the allocator opposite ways; choose one")
         dtype = dtype or default_dtype(target)
+        if target.type == "cpu":
+            linear.default_kernel()  # a bad SDTORCH_CPU_LINEAR is told now, not at the first step
         weights = weights or ("int8" if low_memory else default_weights(target, dtype))
         return cls(target, dtype, weights, compile, vae_channels_last, unet_channels_last, keep_freed, low_memory)
 

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdtorch.linear import Linear, linear
+
 # Only these exact types: a subclass may have its own forward, which a swap would lose.
-STORABLE = (nn.Linear, nn.Conv2d, nn.Embedding)
+STORABLE = (nn.Linear, Linear, nn.Conv2d, nn.Embedding)
 # Stored dtypes that widen to the compute dtype exactly.
 EXACT_UPCASTS = {(torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
 
@@ -113,9 +115,9 @@ class StoredWeights:
         return f"{super().extra_repr()}, stored={self.weight.dtype}, compute={self.compute_dtype}"
 
 
-class StoredLinear(StoredWeights, nn.Linear):
+class StoredLinear(StoredWeights, Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._widened_weight(x), self._cast(self.bias))
+        return linear(x, self._widened_weight(x), self._cast(self.bias))
 
 
 class StoredConv2d(StoredWeights, nn.Conv2d):
@@ -131,7 +133,7 @@ class StoredEmbedding(StoredWeights, nn.Embedding):
         return out.to(self.compute_dtype)
 
 
-_STORED = {nn.Linear: StoredLinear, nn.Conv2d: StoredConv2d, nn.Embedding: StoredEmbedding}
+_STORED = {nn.Linear: StoredLinear, Linear: StoredLinear, nn.Conv2d: StoredConv2d, nn.Embedding: StoredEmbedding}
 
 
 def storable_names(net: nn.Module) -> set[str]:
@@ -189,7 +191,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-QUANTIZABLE = (nn.Linear, nn.Conv2d)
+QUANTIZABLE = (nn.Linear, Linear, nn.Conv2d)
 
 
 def quantizable_names(net: nn.Module) -> set[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from sdtorch.config import UNetConfig
 from sdtorch.deepcache import FeatureCache
 from sdtorch.layers import AttentionFn, Downsample, Upsample, attention, group_norm, timestep_embedding
+from sdtorch.linear import Linear
 
 
 class ResBlock(nn.Module):
@@ -29,7 +30,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, out_ch))
         self.out_layers = nn.Sequential(
             group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         )
@@ -49,10 +50,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.attention_fn: AttentionFn = attention
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(Linear(dim, dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -64,7 +65,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -84,7 +85,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -120,7 +121,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = group_norm(channels, cfg.norm_groups, eps=1e-6)
         if cfg.use_linear_proj:
-            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+            self.proj_in, self.proj_out = Linear(channels, channels), Linear(channels, channels)
         else:
             self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
         self.linear = cfg.use_linear_proj
@@ -173,10 +174,10 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg
         ch, emb_dim, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
-        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(Linear(ch, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
         if cfg.adm_in_channels:
             self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                nn.Sequential(Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim))
             )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])

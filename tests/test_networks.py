@@ -14,6 +14,7 @@ from oracles import (
 
 from sdtorch.clip import CLIPTextModel
 from sdtorch.config import SD15, TINY
+from sdtorch.linear import onednn_linear_available
 from sdtorch.loading.diffusers_format import to_diffusers_name, unet_module_names, vae_module_names
 from sdtorch.unet import UNet
 from sdtorch.vae import AutoencoderKL
@@ -232,3 +233,28 @@ def test_unet_with_a_folded_upsampler_matches_diffusers(monkeypatch):
         got = ours(x, 700, context)
     assert len(calls) == 1
     assert max_rel_error(got, expected) <= 1e-4
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="no oneDNN linear in this PyTorch or CPU")
+def test_unet_and_text_encoder_with_onednn_linears_match_the_references(monkeypatch):
+    """On AMD CPUs the linears run through oneDNN (`sdtorch.linear`); asked for here on any CPU that has it."""
+    from test_linear import counting_onednn_linears
+    from transformers import CLIPTextModel as RefCLIP
+
+    from sdtorch.linear import linear_kernel
+
+    ref, ours, x, context = tiny_unets(10, 2, 16, 16)
+    cfg = TINY.text
+    ref_text = randomise_(RefCLIP(transformers_clip_config(cfg)), seed=10)
+    text_state = {k.removeprefix("text_model."): v.clone() for k, v in ref_text.state_dict().items()}
+    ours_text = load_from_reference(CLIPTextModel(cfg), {k: v for k, v in text_state.items()
+                                                         if not k.endswith("position_ids")})
+    ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_positions), generator=torch.Generator().manual_seed(10))
+    calls = counting_onednn_linears(monkeypatch)
+    with torch.no_grad():
+        expected, expected_text = ref(x, 400, encoder_hidden_states=context).sample, ref_text(input_ids=ids)
+        with linear_kernel("onednn"):
+            got, got_text = ours(x, 400, context), ours_text(ids)
+    assert len(calls) == sum(isinstance(m, torch.nn.Linear) for m in (*ours.modules(), *ours_text.modules()))
+    assert max_rel_error(got, expected) <= 1e-4
+    assert (got_text - expected_text.last_hidden_state).abs().max().item() <= 1e-4
