@@ -29,17 +29,21 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        # The SiLUs after a norm, the embedding's and the skip's adds overwrite fresh results in place, as the
+        # VAE's res-blocks do (`vae.ResnetBlock`); the embedding itself is shared by every block, so its SiLU is not.
+        self.in_layers = nn.Sequential(
+            group_norm(in_ch, groups), nn.SiLU(inplace=True), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_dim, out_ch))
         self.out_layers = nn.Sequential(
-            group_norm(out_ch, groups), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+            group_norm(out_ch, groups), nn.SiLU(inplace=True), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         )
         self.skip_connection = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h += self.emb_layers(emb)[:, :, None, None]
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class CrossAttention(nn.Module):
@@ -211,7 +215,9 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            group_norm(ch, groups), nn.SiLU(inplace=True), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, y: torch.Tensor | None = None,
