@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -39,7 +40,7 @@ from sdtorch.loading.hashing import model_hash
 from sdtorch.memory import MemoryPlan, memory_limit
 from sdtorch.model import StableDiffusion
 from sdtorch.request import GenerationRequest
-from sdtorch.runtime import Runtime, return_freed_memory
+from sdtorch.runtime import Runtime, freed_memory_reused, return_freed_memory
 from sdtorch.samplers import (
     A1111Noise,
     GeneratorNoise,
@@ -105,28 +106,6 @@ def _chain(first: StepCallback, then: StepCallback | None) -> StepCallback:
             then(event)
 
     return both
-
-
-TRIM_EVERY_S = 2.0  # at most one heap trim per this many seconds of sampling
-
-
-class _HeapTrim:
-    """A step callback that hands the heap's free pages back (malloc_trim) once steps have run TRIM_EVERY_S
-    since the last time. An SD 1.5 UNet call at 512x512 in fp32 leaves about 400 MB of freed memory resident in
-    glibc's heap and the later steps peaked on top of it (in one process, the peak rose 125 MB after the first
-    step without a trim, 45-90 MB with one after each step). Whole 4-step `generate` runs over a noisy day:
-    2.46-2.64 GB peak without (median of 7: 2.56 GB), 2.44-2.61 GB with (median of 5: 2.50 GB), page faults per
-    UNet call about the same. Not after every step: a freshly trimmed heap is faulted in again, which made the
-    embedded model's 20 fast steps 3.95 s instead of 0.65 s; SD 1.5's steps take seconds, so there it still
-    runs after every step, as measured above."""
-
-    def __init__(self):
-        self.last = time.perf_counter()
-
-    def __call__(self, event) -> None:
-        if time.perf_counter() - self.last >= TRIM_EVERY_S:
-            return_freed_memory()
-            self.last = time.perf_counter()
 
 
 def default_model_path() -> Path:
@@ -304,10 +283,10 @@ class Pipeline:
         wanted = self.adapters.for_prompt(request.prompt)  # <lora:...> tags out of the prompt
         options = {k: v for k, v in request.options.items() if k not in ("VAE hash", "VAE")}  # the VAE used, below
         request = request.replace(options={**options, **self._adapter_record(request, wanted), **self.vae_record})
-        if model.device.type == "cpu":
-            callback = _chain(_HeapTrim(), callback)
+        # On the CPU the steps reuse the memory they free (the VAE's passes excepted): `runtime.freed_memory_reused`.
+        reuse = freed_memory_reused() if model.device.type == "cpu" else nullcontext()
         with apply_loras(model, wanted.loras) as applied, vae_tiling(self.vae_tiling), \
-                memory_limit(self.memory_limit), passes_in_turn(self.passes_in_turn):
+                memory_limit(self.memory_limit), passes_in_turn(self.passes_in_turn), reuse:
             result = self._sample(request, wanted.prompt, generators, callback, started, release)
         result.warnings += applied.warnings  # LoRA layers that matched nothing in this model
         return result

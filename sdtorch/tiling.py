@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from sdtorch import memory
 from sdtorch.errors import SdtorchError
+from sdtorch.runtime import freed_memory_reused
 from sdtorch.vae import AutoencoderKL, DiagonalGaussian
 
 TILING_MODES = ("auto", "on", "off")
@@ -73,7 +74,8 @@ def decode(vae: AutoencoderKL, z: Tensor) -> Tensor:
     _warn(way, "decoding", h * f, w * f)
     run = {"whole": vae.decode, "exact": lambda part: decode_exact(vae, part),
            "tiles": lambda part: decode_tiles(vae, part)}[way.kind]
-    return torch.cat([run(z[i : i + way.per_call]) for i in range(0, b, way.per_call)])
+    with freed_memory_reused(False):  # the VAE's large blocks go back to the kernel, even within sampling steps
+        return torch.cat([run(z[i : i + way.per_call]) for i in range(0, b, way.per_call)])
 
 
 def encode(vae: AutoencoderKL, images: Tensor) -> DiagonalGaussian:
@@ -83,7 +85,8 @@ def encode(vae: AutoencoderKL, images: Tensor) -> DiagonalGaussian:
     _warn(way, "encoding", height, width)
     run = {"whole": lambda part: _moments(vae.encode(part)), "exact": lambda part: _moments(encode_exact(vae, part)),
            "tiles": lambda part: _moments(encode_tiles(vae, part))}[way.kind]
-    return DiagonalGaussian(torch.cat([run(images[i : i + way.per_call]) for i in range(0, b, way.per_call)]))
+    with freed_memory_reused(False):  # as decode's
+        return DiagonalGaussian(torch.cat([run(images[i : i + way.per_call]) for i in range(0, b, way.per_call)]))
 
 
 def _warn(way: memory.VAEWay, doing: str, height: int, width: int) -> None:
