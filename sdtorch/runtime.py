@@ -113,21 +113,24 @@ def keep_freed_memory() -> bool:
     pages, each one faulted and zeroed by the kernel (some 6 million page faults in a 4-step 512x512
     generation). The process's memory then stays near its peak after the peak has passed. Whole-process
     and one-way; returns whether it took effect (False off glibc)."""
-    import ctypes
-
     global _KEPT_FREED
     mallopt = _glibc("mallopt")
-    if mallopt is None:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    kept = bool(mallopt(m_mmap_threshold, ctypes.c_int(2**30)) and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
+    kept = mallopt is not None and _set_thresholds(mallopt, KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD)
     _KEPT_FREED = _KEPT_FREED or kept
     return kept
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters
+KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD = 2**30, 2**31 - 1  # blocks under 1 GiB from the heap, never trimmed
 # Where glibc's own thresholds settle once large blocks have been freed (DEFAULT_MMAP_THRESHOLD_MAX, twice it).
 STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
+
+
+def _set_thresholds(mallopt, mmap_threshold: int, trim_threshold: int) -> bool:
+    import ctypes
+
+    return bool(mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))
+                and mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
 
 
 @contextmanager
@@ -155,17 +158,13 @@ def freed_memory_reused(reuse: bool = True) -> Iterator[None]:
 
 
 def _set_reuse(mallopt, reuse: bool) -> None:
-    import ctypes
-
     global _REUSING
     _REUSING = reuse
     if reuse:
-        mallopt(M_MMAP_THRESHOLD, ctypes.c_int(2**30))
-        mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
-        return
-    mallopt(M_MMAP_THRESHOLD, ctypes.c_int(STEADY_MMAP_THRESHOLD))
-    mallopt(M_TRIM_THRESHOLD, ctypes.c_int(STEADY_TRIM_THRESHOLD))
-    return_freed_memory()
+        _set_thresholds(mallopt, KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD)
+    else:
+        _set_thresholds(mallopt, STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD)
+        return_freed_memory()
 
 
 def return_freed_memory_at_once() -> bool:
@@ -179,8 +178,7 @@ def return_freed_memory_at_once() -> bool:
 
     global _PINNED
     mallopt = _glibc("mallopt")
-    m_mmap_threshold = -3
-    pinned = mallopt is not None and bool(mallopt(m_mmap_threshold, ctypes.c_int(256 * 1024)))
+    pinned = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, ctypes.c_int(256 * 1024)))
     _PINNED = _PINNED or pinned
     return pinned
 
@@ -190,7 +188,7 @@ def return_freed_memory() -> bool:
     malloc's mmap threshold come from the heap, and what is freed between live blocks stays resident:
     quantising a UNet at load left 0.8 GB of such holes (2.30 GB resident for 1.28 GB of weights and
     0.22 GB of PyTorch). Called after loading and after a network is released; a no-op where the
-    allocator keeps freed memory by request, or off glibc. Returns whether it ran."""
+    allocator keeps freed memory (by request, or inside `freed_memory_reused`), or off glibc. Returns whether it ran."""
     import ctypes
 
     trim = None if _KEPT_FREED or _REUSING else _glibc("malloc_trim")
