@@ -9,7 +9,9 @@ fp32 as each one's default loads it (ours keeps the fp16 weights and widens per 
 load), and each repeat runs ours then diffusers' (the order alternating), on the same inputs: the UNet at
 batch 2 (CFG's pair) on 64x64 latents, the VAE decoder on 1x4x64x64 latents. Medians and the median of
 the per-repeat ratios; the outputs' largest difference is printed too, as a check that both computed the
-same thing. Memory is not comparable here (both models share the process): bench/bench.py measures it.
+same thing. Memory is not comparable here (both models share the process): bench/bench.py measures it. Nor, on 2 Zen 5
+cores, was the VAE decode: diffusers' took 9.5-13.3 s here and 6.0-6.5 s alone in a fresh process (README):
+check a VAE figure in fresh processes.
 Needs the dev extras (diffusers, transformers).
 """
 
