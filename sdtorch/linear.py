@@ -57,13 +57,18 @@ def default_kernel() -> str:
     CPUs where it is available, BLAS elsewhere."""
     pinned = os.environ.get(CPU_LINEAR_VARIABLE)
     if pinned:
-        if pinned not in KERNELS:
-            raise SdtorchError(f"{CPU_LINEAR_VARIABLE}={pinned!r} is not a linear kernel: use onednn or blas")
-        if pinned == "onednn" and not onednn_linear_available():
-            raise SdtorchError(f"{CPU_LINEAR_VARIABLE}=onednn, but this PyTorch or CPU has no oneDNN linear; use blas")
-        return pinned
+        return _checked(pinned, f"{CPU_LINEAR_VARIABLE}={pinned!r}")
     amd = any(vendor in _cpu_vendor() for vendor in ("AuthenticAMD", "HygonGenuine"))
     return "onednn" if amd and onednn_linear_available() else "blas"
+
+
+def _checked(kernel: str, what: str) -> str:
+    """`kernel`, where it is a kernel this PyTorch and CPU have; else one line naming `what` was asked."""
+    if kernel not in KERNELS:
+        raise SdtorchError(f"{what} is not a linear kernel; accepted: {', '.join(KERNELS)}")
+    if kernel == "onednn" and not onednn_linear_available():
+        raise SdtorchError(f"{what}: this PyTorch or CPU has no oneDNN linear; use blas")
+    return kernel
 
 
 _chosen: str | None = None  # a scope's choice (`linear_kernel`), else default_kernel()
@@ -73,11 +78,7 @@ _chosen: str | None = None  # a scope's choice (`linear_kernel`), else default_k
 def linear_kernel(kernel: str) -> Iterator[None]:
     """Compute fp32 CPU linears with `kernel` ("onednn" or "blas") for the scope (benchmarks, tests)."""
     global _chosen
-    if kernel not in KERNELS:
-        raise SdtorchError(f"unknown linear kernel {kernel!r}; accepted: {', '.join(KERNELS)}")
-    if kernel == "onednn" and not onednn_linear_available():
-        raise SdtorchError("oneDNN's linear is not available in this PyTorch or on this CPU")
-    previous, _chosen = _chosen, kernel
+    previous, _chosen = _chosen, _checked(kernel, f"linear kernel {kernel!r}")
     try:
         yield
     finally:
@@ -85,14 +86,14 @@ def linear_kernel(kernel: str) -> Iterator[None]:
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if (_chosen or default_kernel()) != "onednn":  # first: elsewhere the rest is never looked at
+        return False
     fp32 = torch.float32
     if x.device.type != "cpu" or x.dtype != fp32 or weight.dtype != fp32 or (bias is not None and bias.dtype != fp32):
         return False
     if x.dim() < 2 or x.numel() == 0 or torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return False
-    return (_chosen or default_kernel()) == "onednn"
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

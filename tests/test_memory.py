@@ -236,7 +236,7 @@ def test_cpu_sampling_steps_reuse_freed_memory_and_vae_passes_do_not(pipe, monke
     pipe.run(GenerationRequest(prompt=PROMPT, steps=3, seed=1), callback=steps.append)
     assert [event.step for event in steps] == [0, 1, 2]
     mmap, trim = runtime.M_MMAP_THRESHOLD, runtime.M_TRIM_THRESHOLD
-    reuse = [(mmap, 2**30), (trim, 2**31 - 1)]
+    reuse = [(mmap, runtime.KEEP_MMAP_THRESHOLD), (trim, runtime.KEEP_TRIM_THRESHOLD)]
     give_back = [(mmap, runtime.STEADY_MMAP_THRESHOLD), (trim, runtime.STEADY_TRIM_THRESHOLD), "trim"]
     assert calls == reuse + give_back + reuse + give_back  # steps, the decode, back, the end
     assert runtime._REUSING is False
