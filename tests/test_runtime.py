@@ -256,6 +256,36 @@ def test_stored_layers_share_one_buffer_but_not_under_autograd():
     assert torch.equal(x_kept.grad, x_wide.grad)
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_layer_over_the_scratch_size_runs_in_output_slices_with_the_same_result(int8, monkeypatch):
+    """A layer wider than SCRATCH_ELEMENTS widens one slice of its output channels at a time (the buffer
+    never holds more than that), and joins the slices into the whole layer's output."""
+    torch.manual_seed(0)
+    conv, fc = torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.Linear(24, 10)
+    stack = torch.nn.ModuleList([conv, fc]).half()
+    stored_weights.keep_stored(stack, torch.float32)
+    if int8:
+        for layer in stack:
+            q, scale = stored_weights.quantize_int8(layer.weight.float())
+            layer.weight = torch.nn.Parameter(q, requires_grad=False)
+            layer.register_buffer("weight_scale", scale, persistent=False)
+    images, tokens = torch.randn(2, 8, 6, 6), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        whole = conv(images), fc(tokens)
+        stored_weights.release_scratch()
+        monkeypatch.setattr(stored_weights, "SCRATCH_ELEMENTS", 8 * 9 * 5)  # 5 output channels of the conv
+        sliced = conv(images), fc(tokens)  # and 30 of the linear's 24-wide rows: 10 in one slice
+    (buffer,) = stored_weights._SCRATCH.buffers.values()
+    assert buffer.numel() == 8 * 9 * 5
+    for got, expected, layer in zip(sliced, whole, stack):
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+        assert torch.allclose(got, torch.nn.functional.conv2d(images, stored_weights.dense_weight(layer).float(),
+                                                              layer.bias.float(), padding=1)
+                              if layer is conv else tokens @ stored_weights.dense_weight(layer).float().T
+                              + layer.bias.float(), rtol=1e-5, atol=1e-5)
+
+
 # 2b. int8 weights: the low-memory mode.
 
 def test_quantize_int8_per_output_channel():
