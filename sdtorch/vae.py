@@ -53,7 +53,7 @@ class AttnBlock(nn.Module):
         q, k, v = (p(n).flatten(2).transpose(1, 2) for p in (self.q, self.k, self.v))  # (B, HW, C)
         # Back to (B, C, H, W) as a permuted view: channels-last strides throughout. A reshape of the
         # transpose gave a batch of 1 the stride C, which the convolutions read as NCHW, so the whole
-        # decoder after its mid-block left channels-last (a 512x512 SD 1.5 decode 10 s, not 7; Xeon).
+        # decoder after its mid-block left channels-last (a 512x512 SD 1.5 decode about 10 s instead of 8; Xeon).
         out = attention(q, k, v, heads=1).view(b, h, w, c).permute(0, 3, 1, 2)
         return self.proj_out(out).add_(x)
 

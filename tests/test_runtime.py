@@ -261,7 +261,7 @@ def test_a_layer_over_the_scratch_size_runs_in_output_slices_with_the_same_resul
     """A layer wider than SCRATCH_ELEMENTS widens one slice of its output channels at a time (the buffer
     never holds more than that), and joins the slices into the whole layer's output."""
     torch.manual_seed(0)
-    conv, fc = torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.Linear(24, 10)
+    conv, fc = torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.Linear(24, 40)
     stack = torch.nn.ModuleList([conv, fc]).half()
     stored_weights.keep_stored(stack, torch.float32)
     if int8:
@@ -273,17 +273,19 @@ def test_a_layer_over_the_scratch_size_runs_in_output_slices_with_the_same_resul
     with torch.no_grad():
         whole = conv(images), fc(tokens)
         stored_weights.release_scratch()
-        monkeypatch.setattr(stored_weights, "SCRATCH_ELEMENTS", 8 * 9 * 5)  # 5 output channels of the conv
-        sliced = conv(images), fc(tokens)  # and 30 of the linear's 24-wide rows: 10 in one slice
-    (buffer,) = stored_weights._SCRATCH.buffers.values()
-    assert buffer.numel() == 8 * 9 * 5
-    for got, expected, layer in zip(sliced, whole, stack):
+        # 360 elements: the conv's 12 output channels (72 each) in slices of 5, 5, 2; the linear's 40 rows
+        # (24 each) in slices of 15, 15, 10
+        monkeypatch.setattr(stored_weights, "SCRATCH_ELEMENTS", 360)
+        sliced = conv(images), fc(tokens)
+        (buffer,) = stored_weights._SCRATCH.buffers.values()
+        assert buffer.numel() == 360
+        dense = [stored_weights.dense_weight(layer).float() for layer in stack]
+        by_hand = (torch.nn.functional.conv2d(images, dense[0], conv.bias.float(), padding=1),
+                   torch.nn.functional.linear(tokens, dense[1], fc.bias.float()))
+    for got, expected, reference in zip(sliced, whole, by_hand):
         assert got.shape == expected.shape
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
-        assert torch.allclose(got, torch.nn.functional.conv2d(images, stored_weights.dense_weight(layer).float(),
-                                                              layer.bias.float(), padding=1)
-                              if layer is conv else tokens @ stored_weights.dense_weight(layer).float().T
-                              + layer.bias.float(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got, reference, rtol=1e-5, atol=1e-5)
 
 
 # 2b. int8 weights: the low-memory mode.
