@@ -163,6 +163,13 @@ def attention_holds_scores(layer: nn.Module, x: torch.Tensor) -> bool:
         names: set[str] = set()
 
         class Ops(TorchDispatchMode):
+            @classmethod
+            def _should_skip_dynamo(cls) -> bool:
+                # Otherwise torch wraps the hook below in dynamo's `disable`, whose first call imports
+                # torch._dynamo (and sympy): 70 MB and 0.9 s of every generation's process for a check
+                # that never compiles. The opt-out is the one this hook's own docstring shows.
+                return False
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 names.add(func.__name__)
                 return func(*args, **(kwargs or {}))
