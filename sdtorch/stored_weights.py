@@ -115,12 +115,11 @@ class StoredWeights:
         """`run(x, weight, bias)` with the weight and bias widened; a layer over `SCRATCH_ELEMENTS` runs
         on slices of its output channels (each an independent set of sums), joined along `channel_dim`."""
         weight, bias = self.weight, self.bias
-        per_row = weight[0].numel()
         # (a grouped convolution's output slices would need their own input groups: it runs whole)
         whole = weight.numel() <= SCRATCH_ELEMENTS or getattr(self, "groups", 1) != 1
         if whole or weight.dtype == self.compute_dtype or not _reusable(x, weight):
             return run(x, self._widened_weight(x), self._cast(bias))
-        step = max(1, SCRATCH_ELEMENTS // per_row)
+        step = max(1, SCRATCH_ELEMENTS // (weight.numel() // weight.shape[0]))  # output channels per slice
         slices = [slice(first, first + step) for first in range(0, weight.shape[0], step)]
         return torch.cat([run(x, self._widened_weight(x, rows), self._cast(None if bias is None else bias[rows]))
                           for rows in slices], dim=channel_dim)

@@ -232,7 +232,7 @@ def test_every_convolution_of_the_cpu_vae_runs_channels_last(batch):
     outputs = []
     for module in [*vae.decoder.modules(), *vae.encoder.modules()]:  # not the 1x1 quant convs, NCHW by design
         if isinstance(module, torch.nn.Conv2d):
-            module.register_forward_hook(lambda m, args, out: outputs.append((args[0], out)))
+            module.register_forward_hook(lambda m, args, out: outputs.append(out))
     latents = torch.randn(batch, TINY.vae.latent_channels, 16, 16, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         images = vae.decode(latents)
@@ -240,7 +240,7 @@ def test_every_convolution_of_the_cpu_vae_runs_channels_last(batch):
     # Strides alone can't tell: a size-1 batch makes a tensor `is_contiguous` in both layouts, so each
     # convolution's output, laid out as its kernel chose, is compared with a fresh channels-last one.
     assert len(outputs) > 20
-    for _, out in outputs:
+    for out in outputs:
         assert out.stride() == torch.empty_like(out, memory_format=torch.channels_last).stride()
 
 
